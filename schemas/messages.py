@@ -43,6 +43,8 @@ class JoinRequest(_Message):
     task_id: Identifier
     trainer_id: Identifier
     num_examples: NonNegativeInt
+    role: Literal["trainer", "evaluator"] = "trainer"
+    """Evaluators join to learn the task and the current model; they never send updates."""
     sent_at: FiniteFloat = Field(default_factory=time.time)
 
 
