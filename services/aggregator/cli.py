@@ -1,0 +1,128 @@
+"""`fedmq aggregator`: serve one task from a task file or from flags."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from services.aggregator.settings import AggregatorSettings
+from services.aggregator.task import TaskDefinition, load_task, with_consistent_spec
+
+# Flags that define a task when no task file is given: (flag, spec or strategy field, type).
+_SPEC_FLAGS: tuple[tuple[str, str, type], ...] = (
+    ("--model", "model", str),
+    ("--num-classes", "num_classes", int),
+    ("--in-channels", "in_channels", int),
+    ("--image-size", "image_size", int),
+    ("--dataset", "dataset", str),
+    ("--local-epochs", "local_epochs", int),
+    ("--local-steps", "local_steps", int),
+    ("--batch-size", "batch_size", int),
+    ("--lr", "learning_rate", float),
+    ("--optimizer", "optimizer", str),
+    ("--momentum", "momentum", float),
+    ("--precision", "precision", str),
+    ("--max-update-norm", "max_update_norm", float),
+    ("--seed", "seed", int),
+)
+_STRATEGY_FLAGS: tuple[tuple[str, str, type], ...] = (
+    ("--strategy", "name", str),
+    ("--alpha", "alpha", float),
+    ("--staleness", "staleness", str),
+    ("--staleness-a", "staleness_a", float),
+    ("--staleness-b", "staleness_b", int),
+    ("--buffer-size", "buffer_size", int),
+    ("--server-optimizer", "server_optimizer", str),
+    ("--server-lr", "server_lr", float),
+    ("--aggregator", "aggregator", str),
+    ("--trim-fraction", "trim_fraction", float),
+    ("--clip-norm", "clip_norm", float),
+    ("--max-staleness", "max_staleness", int),
+    ("--clients-per-round", "clients_per_round", int),
+    ("--min-updates", "min_updates", int),
+    ("--round-timeout", "round_timeout", float),
+    ("--dp-noise-multiplier", "dp_noise_multiplier", float),
+    ("--dp-clip-norm", "dp_clip_norm", float),
+)
+
+
+def register(subcommands: Any) -> None:
+    """Add `fedmq aggregator` to the CLI."""
+    parser = subcommands.add_parser(
+        "aggregator",
+        help="run the aggregator of one task",
+        description="Consume updates, apply the strategy, checkpoint, publish models.",
+    )
+    parser.add_argument("--task-file", type=Path, help="YAML/JSON task definition")
+    parser.add_argument("--task-id", help="task id (default: FEDMQ_TASK_ID or 'pneumonia')")
+    parser.add_argument("--checkpoint-dir", type=Path)
+    parser.add_argument("--checkpoint-every", type=int)
+    parser.add_argument("--metrics-port", type=int)
+    parser.add_argument("--fedbn", action="store_true", help="keep BatchNorm local to sites")
+    for flag, _field, kind in _SPEC_FLAGS + _STRATEGY_FLAGS:
+        parser.add_argument(flag, type=kind)
+    parser.set_defaults(func=run)
+
+
+def settings_from_args(args: argparse.Namespace) -> AggregatorSettings:
+    """Environment settings with the flags that were given laid on top."""
+    overrides = {
+        "task_file": args.task_file,
+        "task_id": args.task_id,
+        "checkpoint_dir": args.checkpoint_dir,
+        "checkpoint_every": args.checkpoint_every,
+        "metrics_port": args.metrics_port,
+    }
+    return AggregatorSettings(**{k: v for k, v in overrides.items() if v is not None})
+
+
+def task_from_args(args: argparse.Namespace, settings: AggregatorSettings) -> TaskDefinition:
+    """The task file when given, else a task built from the flags (defaults: cnn-small)."""
+    if settings.task_file is not None:
+        return with_consistent_spec(load_task(settings.task_file))
+    spec: dict[str, Any] = {"task_id": settings.task_id, "model": "cnn-small", "num_classes": 2}
+    spec.update(_given(args, _SPEC_FLAGS))
+    if args.fedbn:
+        spec["fedbn"] = True
+    definition = {"spec": spec, "strategy": _given(args, _STRATEGY_FLAGS)}
+    return with_consistent_spec(TaskDefinition.model_validate(definition))
+
+
+def _given(args: argparse.Namespace, flags: tuple[tuple[str, str, type], ...]) -> dict[str, Any]:
+    values = {}
+    for flag, field, _kind in flags:
+        value = getattr(args, flag.lstrip("-").replace("-", "_"))
+        if value is not None:
+            values[field] = value
+    return values
+
+
+def run(args: argparse.Namespace) -> int:
+    """Serve until SIGTERM/SIGINT; the last checkpoint is written on the way out."""
+    from services.aggregator.bootstrap import load_core
+    from services.aggregator.checkpoint import CheckpointStore
+    from services.aggregator.metrics import AggregatorMetrics
+    from services.aggregator.service import AggregatorService
+    from services.common.connect import bus_from_settings
+    from services.common.logging import configure_logging
+    from services.common.metrics import serve_metrics
+    from services.common.signals import on_termination
+
+    settings = settings_from_args(args)
+    configure_logging(level=settings.log_level, json=settings.log_json)
+    task = task_from_args(args, settings)
+    store = CheckpointStore(settings.checkpoint_dir / task.task_id)
+    core = load_core(task, store)
+    metrics = AggregatorMetrics()
+    serve_metrics(metrics.registry, settings.metrics_port)
+    bus = bus_from_settings(settings)
+    service = AggregatorService(
+        bus=bus, task=task, core=core, store=store, settings=settings, metrics=metrics
+    )
+    on_termination(service.stop)
+    try:
+        service.run()
+    finally:
+        bus.close()
+    return 0

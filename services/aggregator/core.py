@@ -1,0 +1,182 @@
+"""The aggregator's state machine: global weights, version, applied ids. No I/O.
+
+The service feeds it decoded updates and the clock; it answers with what happened, and
+the service does the publishing, checkpointing and acking.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import numpy.typing as npt
+
+from schemas import GlobalModel, ModelUpdate, Tensor
+from services.aggregator.checkpoint import Checkpoint
+from services.aggregator.layout import ParamLayout
+from services.aggregator.strategies.base import StepResult, Strategy
+from services.aggregator.task import TaskDefinition
+from services.aggregator.validation import UpdateContext, is_already_applied, to_contribution
+
+MAX_APPLIED_IDS = 10_000
+"""How many applied update ids are remembered (and checkpointed) to drop redeliveries.
+
+A redelivery can only concern updates not yet acked, i.e. applied since the previous
+checkpoint, so this bounds memory without weakening exactly-once application.
+"""
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What one update did: buffered, stepped the model, or was a known redelivery."""
+
+    status: Literal["buffered", "stepped", "redelivered"]
+    staleness: int
+    step: StepResult | None = None
+
+
+class AggregatorCore:
+    """Global weights + version + strategy; turns accepted updates into new versions."""
+
+    def __init__(
+        self,
+        *,
+        task: TaskDefinition,
+        layout: ParamLayout,
+        weights: npt.NDArray[np.float32],
+        integers: dict[str, npt.NDArray[Any]],
+        strategy: Strategy,
+        version: int = 0,
+        applied_ids: Iterable[str] = (),
+        updates_applied: int = 0,
+        updates_rejected: int = 0,
+    ) -> None:
+        self.task = task
+        self.layout = layout
+        self.weights = weights
+        self.integers = integers
+        self.strategy = strategy
+        self.version = version
+        self.updates_applied = updates_applied
+        self.updates_rejected = updates_rejected
+        self._applied: OrderedDict[str, None] = OrderedDict.fromkeys(applied_ids)
+        self._pending: set[str] = set()
+        self._staleness_sum = 0.0
+        self._staleness_count = 0
+        float_entries = [e for e in layout.entries if e.is_float]
+        self._delta_layout = ParamLayout(float_entries, bn_prefixes=layout.bn_prefixes)
+        fedbn = task.spec.fedbn
+        self._mask = layout.aggregation_mask(fedbn=True) if fedbn else None
+
+    @classmethod
+    def restore(
+        cls, *, task: TaskDefinition, layout: ParamLayout, strategy: Strategy, saved: Checkpoint
+    ) -> AggregatorCore:
+        """Resume from a checkpoint (its fingerprint must match the task)."""
+        if saved.fingerprint != task.fingerprint():
+            raise ValueError(
+                f"the checkpoint belongs to {saved.fingerprint!r}, not {task.fingerprint()!r}:"
+                " use another checkpoint directory for another task or model"
+            )
+        strategy.load_state_dict(saved.strategy_state)
+        return cls(
+            task=task,
+            layout=layout,
+            weights=saved.weights,
+            integers=saved.integers,
+            strategy=strategy,
+            version=saved.version,
+            applied_ids=saved.applied_ids,
+            updates_applied=saved.updates_applied,
+            updates_rejected=saved.updates_rejected,
+        )
+
+    @property
+    def pending_ids(self) -> frozenset[str]:
+        """Updates admitted into a strategy buffer but not yet part of the model."""
+        return frozenset(self._pending)
+
+    @property
+    def mean_staleness(self) -> float:
+        """Mean staleness of every update admitted since this process started."""
+        return self._staleness_sum / self._staleness_count if self._staleness_count else 0.0
+
+    def context(self) -> UpdateContext:
+        """The state an update is checked against right now."""
+        return UpdateContext(
+            task_id=self.task.task_id,
+            version=self.version,
+            delta_layout=self._delta_layout,
+            strategy=self.strategy,
+            applied_ids=self._applied,
+            pending_ids=self._pending,
+            max_update_norm=self.task.spec.max_update_norm,
+            mask=self._mask,
+        )
+
+    def submit(self, update: ModelUpdate, *, redelivered: bool, now: float) -> Outcome:
+        """Fold one update in; raises `RejectedUpdate` (counted) when it is not acceptable."""
+        context = self.context()
+        if is_already_applied(update, context, redelivered=redelivered):
+            return Outcome("redelivered", staleness=self.version - update.base_version)
+        try:
+            contribution = to_contribution(update, context)
+        except Exception:
+            self.updates_rejected += 1
+            raise
+        self._pending.add(contribution.update_id)
+        self._staleness_sum += contribution.staleness
+        self._staleness_count += 1
+        step = self.strategy.submit(self.weights, contribution, now=now)
+        if step is None:
+            return Outcome("buffered", staleness=contribution.staleness)
+        self._apply(step)
+        return Outcome("stepped", staleness=contribution.staleness, step=step)
+
+    def poll(self, *, now: float) -> StepResult | None:
+        """Give time-driven strategies (a round timeout) their chance to step."""
+        step = self.strategy.poll(self.weights, now=now)
+        if step is not None:
+            self._apply(step)
+        return step
+
+    def count_rejection(self) -> None:
+        """Count a message refused before it reached the core (undecodable, bad identity)."""
+        self.updates_rejected += 1
+
+    def global_model(self) -> GlobalModel:
+        """The current weights as a `GlobalModel` message (float32, integers carried)."""
+        arrays = self.layout.unflatten(self.weights, integers=self.integers)
+        tensors = tuple(Tensor.from_numpy(name, array) for name, array in arrays.items())
+        return GlobalModel(
+            task_id=self.task.task_id,
+            version=self.version,
+            tensors=tensors,
+            updates_applied=self.updates_applied,
+        )
+
+    def checkpoint(self) -> Checkpoint:
+        """A snapshot to write to disk (shares the weights array; the core never mutates it)."""
+        return Checkpoint(
+            version=self.version,
+            weights=self.weights,
+            integers=self.integers,
+            strategy_state=self.strategy.state_dict(),
+            applied_ids=list(self._applied),
+            updates_applied=self.updates_applied,
+            updates_rejected=self.updates_rejected,
+            fingerprint=self.task.fingerprint(),
+        )
+
+    def _apply(self, step: StepResult) -> None:
+        self.weights = step.weights
+        self.version += 1
+        self.updates_applied += len(step.applied)
+        for update_id in step.applied:
+            self._pending.discard(update_id)
+            self._applied[update_id] = None
+        while len(self._applied) > MAX_APPLIED_IDS:
+            self._applied.popitem(last=False)

@@ -1,0 +1,385 @@
+"""The aggregator process: consumes updates and joins, applies the strategy, makes it durable.
+
+One engine thread owns all state. Bus handlers only hand deliveries over through an inbox,
+so the math never races and never blocks the connection thread. An update is acked only
+once a checkpoint containing its effect is on disk (or once it was dead-lettered).
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+import structlog
+from pydantic import BaseModel
+
+from schemas import (
+    SCHEMA_HEADER,
+    SCHEMA_VERSION,
+    DecodeError,
+    DecodeReason,
+    GlobalModel,
+    Heartbeat,
+    JoinAccepted,
+    JoinRequest,
+    ModelPublished,
+    ModelUpdate,
+    Rejection,
+    TrainerJoined,
+    TrainerLeft,
+    encode,
+)
+from services.aggregator.checkpoint import CheckpointStore
+from services.aggregator.core import AggregatorCore
+from services.aggregator.metrics import AggregatorMetrics
+from services.aggregator.registry import TrainerRegistry
+from services.aggregator.settings import AggregatorSettings
+from services.aggregator.strategies.base import StepResult
+from services.aggregator.task import TaskDefinition
+from services.aggregator.validation import RejectedUpdate
+from services.common.bus import Bus, Delivery, TransportError
+from services.common.messaging import decode_delivery, publish_message
+from services.common.topology import (
+    EVENTS_EXCHANGE,
+    MODELS_EXCHANGE,
+    Topology,
+    control_queue,
+    event_key,
+    events_queue,
+    model_key,
+    shared_topology,
+    task_topology,
+    updates_queue,
+)
+
+log = structlog.get_logger(__name__)
+
+M = TypeVar("M", bound=BaseModel)
+
+TICK_SECONDS = 0.25
+"""How often the engine looks at clocks when no message arrives (round timeouts, expiry)."""
+HEARTBEAT_INTERVAL_S = 5.0
+CONTROL_PREFETCH = 4
+EVENTS_PREFETCH = 64
+
+
+@dataclass
+class _Pending:
+    """Deliveries whose effect is not durable yet, and when that last changed."""
+
+    held: dict[str, Delivery] = field(default_factory=dict)
+    """Admitted updates still in a strategy buffer, by update id."""
+    to_ack: list[Delivery] = field(default_factory=list)
+    """Deliveries to ack at the next commit."""
+
+
+class AggregatorService:
+    """Wires an `AggregatorCore` to the bus, the checkpoint store, metrics and events."""
+
+    def __init__(
+        self,
+        *,
+        bus: Bus,
+        task: TaskDefinition,
+        core: AggregatorCore,
+        store: CheckpointStore,
+        settings: AggregatorSettings,
+        metrics: AggregatorMetrics | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._bus = bus
+        self._task = task
+        self._core = core
+        self._store = store
+        self._settings = settings
+        self._metrics = metrics or AggregatorMetrics()
+        self._clock = clock
+        self._registry = TrainerRegistry(timeout=settings.trainer_timeout)
+        self._inbox: queue.Queue[tuple[str, Delivery]] = queue.Queue()
+        self._pending = _Pending()
+        self._stop = threading.Event()
+        self._durable_version = -1
+        self._published: GlobalModel | None = None
+        self._last_commit = clock()
+        self._last_heartbeat = 0.0
+        self._log = log.bind(task=task.task_id)
+
+    @property
+    def core(self) -> AggregatorCore:
+        """The state machine (read it from the engine thread or after `run` returned)."""
+        return self._core
+
+    @property
+    def prefetch(self) -> int:
+        """Updates held unacked at once: at least twice the strategy's buffer."""
+        return max(self._settings.prefetch, 2 * self._core.strategy.buffer_size)
+
+    def stop(self) -> None:
+        """Ask the engine to finish: it commits what it has and returns from `run`."""
+        self._stop.set()
+
+    def run(self) -> None:
+        """Declare the topology, publish the current model, and serve until `stop()`."""
+        self._declare()
+        self._commit(force=True)
+        task_id = self._task.task_id
+        self._bus.consume(updates_queue(task_id), self._enqueue("update"), prefetch=self.prefetch)
+        self._bus.consume(control_queue(task_id), self._enqueue("join"), prefetch=CONTROL_PREFETCH)
+        watch = events_queue(self._settings.aggregator_id, task_id)
+        self._bus.consume(watch.name, self._enqueue("event"), prefetch=EVENTS_PREFETCH)
+        self._log.info("aggregator_serving", version=self._core.version, prefetch=self.prefetch)
+        while not self._stop.is_set():
+            self.step()
+        self._commit()
+        self._log.info("aggregator_stopped", version=self._core.version)
+
+    def step(self) -> None:
+        """Handle at most one delivery, then the clocks, then commit when due."""
+        try:
+            source, delivery = self._inbox.get(timeout=TICK_SECONDS)
+        except queue.Empty:
+            pass
+        else:
+            self._dispatch(source, delivery)
+        now = self._clock()
+        self._on_clock(now)
+        if self._commit_due(now, idle=self._inbox.empty()):
+            self._commit()
+
+    def _declare(self) -> None:
+        task = self._task
+        topology = shared_topology().merge(
+            task_topology(
+                task.task_id, max_update_bytes=task.max_update_bytes, queue_type=task.queue_type
+            )
+        )
+        watch = events_queue(self._settings.aggregator_id, task.task_id)
+        self._bus.declare(topology.merge(Topology(queues=(watch,))))
+
+    def _enqueue(self, source: str) -> Callable[[Delivery], None]:
+        def hand_over(delivery: Delivery) -> None:
+            self._inbox.put((source, delivery))
+
+        return hand_over
+
+    def _dispatch(self, source: str, delivery: Delivery) -> None:
+        if source == "update":
+            self._on_update(delivery)
+        elif source == "join":
+            self._on_join(delivery)
+        else:
+            self._on_event(delivery)
+
+    # -- updates -----------------------------------------------------------------------
+
+    def _on_update(self, delivery: Delivery) -> None:
+        started = time.perf_counter()
+        try:
+            update = self._decode(delivery, ModelUpdate)
+            outcome = self._core.submit(update, redelivered=delivery.redelivered, now=self._clock())
+        except DecodeError as error:
+            self._core.count_rejection()
+            self._dead_letter(delivery, error.reason.value, error.detail)
+            return
+        except RejectedUpdate as error:
+            self._dead_letter(delivery, error.reason, error.detail, update=update)
+            return
+        if outcome.status == "redelivered":
+            self._log.info("redelivery_already_applied", update_id=update.update_id)
+            self._pending.to_ack.append(delivery)
+            return
+        self._metrics.on_accepted(
+            staleness=outcome.staleness, seconds=time.perf_counter() - started
+        )
+        if self._registry.accepted(update.trainer_id, now=self._clock()):
+            self._announce_join(update.trainer_id, num_examples=update.num_examples)
+        self._pending.held[update.update_id] = delivery
+        self._log.debug(
+            "update_accepted",
+            trainer=update.trainer_id,
+            update_id=update.update_id,
+            staleness=outcome.staleness,
+            status=outcome.status,
+        )
+        if outcome.step is not None:
+            self._settle(outcome.step)
+
+    def _settle(self, step: StepResult) -> None:
+        for update_id in step.applied:
+            delivery = self._pending.held.pop(update_id, None)
+            if delivery is not None:
+                self._pending.to_ack.append(delivery)
+        self._log.info("model_stepped", version=self._core.version, applied=len(step.applied))
+
+    def _decode(self, delivery: Delivery, cls: type[M]) -> M:
+        limit = self._settings.max_message_bytes
+        if len(delivery.body) > limit:
+            raise DecodeError(
+                DecodeReason.OVERSIZED, f"body of {len(delivery.body)} bytes exceeds {limit}"
+            )
+        return decode_delivery(delivery, accept=(cls,))
+
+    def _dead_letter(
+        self, delivery: Delivery, reason: str, detail: str, *, update: ModelUpdate | None = None
+    ) -> None:
+        self._metrics.on_rejected(reason)
+        self._log.warning(
+            "message_rejected",
+            reason=reason,
+            detail=detail,
+            message_id=delivery.message_id,
+            trainer=update.trainer_id if update else None,
+        )
+        self._bus.dead_letter(delivery, reason=reason, detail=detail)
+        rejection = Rejection(
+            reason=reason,
+            detail=detail[:4096],
+            task_id=self._task.task_id,
+            trainer_id=update.trainer_id if update else None,
+            update_id=update.update_id if update else None,
+            message_id=_safe_id(delivery.message_id),
+        )
+        self._emit("update.rejected", rejection)
+
+    # -- joins and events ----------------------------------------------------------------
+
+    def _on_join(self, delivery: Delivery) -> None:
+        try:
+            request = self._decode(delivery, JoinRequest)
+        except DecodeError as error:
+            self._dead_letter(delivery, error.reason.value, error.detail)
+            return
+        if request.task_id != self._task.task_id or self._published is None:
+            detail = f"no task {request.task_id!r} is served here"
+            self._reply(delivery, Rejection(reason="unknown-task", detail=detail))
+            self._dead_letter(delivery, "unknown-task", detail)
+            return
+        if request.role == "trainer" and self._registry.join(
+            request.trainer_id, num_examples=request.num_examples, now=self._clock()
+        ):
+            self._announce_join(request.trainer_id, num_examples=request.num_examples)
+        self._reply(delivery, JoinAccepted(spec=self._task.spec, model=self._published))
+        self._bus.ack(delivery)
+
+    def _reply(self, request: Delivery, message: BaseModel) -> None:
+        if not request.properties.reply_to:
+            return
+        try:
+            self._bus.reply(
+                request,
+                encode(message),
+                kind=str(message.model_dump(include={"kind"})["kind"]),
+                headers={SCHEMA_HEADER: SCHEMA_VERSION},
+            )
+        except TransportError as error:
+            self._log.warning("reply_failed", error=str(error))
+
+    def _on_event(self, delivery: Delivery) -> None:
+        if delivery.kind not in ("heartbeat", "trainer_left"):
+            self._bus.ack(delivery)
+            return
+        try:
+            event = decode_delivery(delivery, accept=(Heartbeat, TrainerLeft))
+        except DecodeError as error:
+            self._dead_letter(delivery, error.reason.value, error.detail)
+            return
+        now = self._clock()
+        if isinstance(event, Heartbeat) and event.role == "trainer":
+            if self._registry.seen(event.sender_id, now=now):
+                self._announce_join(event.sender_id, num_examples=0)
+        elif isinstance(event, TrainerLeft) and self._registry.leave(event.trainer_id):
+            self._log.info("trainer_left", trainer=event.trainer_id, reason=event.reason)
+            self._metrics.on_trainers(len(self._registry))
+        self._bus.ack(delivery)
+
+    def _announce_join(self, trainer_id: str, *, num_examples: int) -> None:
+        self._log.info("trainer_joined", trainer=trainer_id, num_examples=num_examples)
+        self._metrics.on_trainers(len(self._registry))
+        joined = TrainerJoined(
+            task_id=self._task.task_id, trainer_id=trainer_id, num_examples=num_examples
+        )
+        self._emit("trainer.joined", joined)
+
+    def _on_clock(self, now: float) -> None:
+        step = self._core.poll(now=now)
+        if step is not None:
+            self._settle(step)
+        for trainer_id in self._registry.expire(now=now):
+            self._log.warning("trainer_timed_out", trainer=trainer_id)
+            self._metrics.on_trainers(len(self._registry))
+            left = TrainerLeft(
+                task_id=self._task.task_id, trainer_id=trainer_id, reason="heartbeat-timeout"
+            )
+            self._emit("trainer.left", left)
+        if now - self._last_heartbeat >= HEARTBEAT_INTERVAL_S:
+            self._last_heartbeat = now
+            beat = Heartbeat(
+                task_id=self._task.task_id,
+                sender_id=self._settings.aggregator_id,
+                role="aggregator",
+                model_version=self._core.version,
+            )
+            self._emit("heartbeat", beat, who=self._settings.aggregator_id)
+
+    # -- durability ----------------------------------------------------------------------
+
+    def _commit_due(self, now: float, *, idle: bool) -> bool:
+        if self._pending.to_ack and self._core.version == self._durable_version:
+            return True
+        behind = self._core.version - self._durable_version
+        if behind <= 0:
+            return False
+        return (
+            idle
+            or behind >= self._settings.checkpoint_every
+            or now - self._last_commit >= self._settings.checkpoint_interval
+        )
+
+    def _commit(self, *, force: bool = False) -> None:
+        """Checkpoint new versions, publish the newest model, then ack what it contains."""
+        core = self._core
+        if force or core.version != self._durable_version:
+            started = time.perf_counter()
+            self._store.save(core.checkpoint())
+            self._metrics.on_committed(version=core.version, seconds=time.perf_counter() - started)
+            self._durable_version = core.version
+            self._published = core.global_model()
+            self._publish_model(self._published)
+        for delivery in self._pending.to_ack:
+            self._bus.ack(delivery)
+        self._pending.to_ack.clear()
+        self._last_commit = self._clock()
+
+    def _publish_model(self, model: GlobalModel) -> None:
+        try:
+            publish_message(self._bus, MODELS_EXCHANGE, model_key(self._task.task_id), model)
+        except TransportError as error:
+            # Followers get the next version instead; the checkpoint already holds this one.
+            self._log.warning("model_publish_failed", version=model.version, error=str(error))
+            return
+        published = ModelPublished(
+            task_id=self._task.task_id,
+            version=model.version,
+            updates_applied=self._core.updates_applied,
+            updates_rejected=self._core.updates_rejected,
+            mean_staleness=self._core.mean_staleness,
+            active_trainers=len(self._registry),
+        )
+        self._emit("model.published", published)
+
+    def _emit(self, event: str, message: BaseModel, *, who: str | None = None) -> None:
+        try:
+            key = event_key(event, self._task.task_id, who)  # type: ignore[arg-type]
+            publish_message(self._bus, EVENTS_EXCHANGE, key, message)
+        except TransportError as error:
+            self._log.warning("event_publish_failed", event=event, error=str(error))
+
+
+def _safe_id(value: str | None) -> str | None:
+    if value is None or not value.replace("-", "").replace("_", "").isalnum():
+        return None
+    return value[:128]

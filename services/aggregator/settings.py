@@ -1,0 +1,28 @@
+"""Aggregator settings (`FEDMQ_*` environment variables, CLI flags on top)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+
+from schemas import DEFAULT_MAX_MESSAGE_BYTES
+from services.aggregator.registry import DEFAULT_TRAINER_TIMEOUT_S
+from services.common.settings import ServiceSettings
+
+
+class AggregatorSettings(ServiceSettings):
+    """Where the task and checkpoints live and how often state is made durable."""
+
+    task_file: Path | None = None
+    """YAML/JSON task definition; without one, flags (or their defaults) define the task."""
+    checkpoint_dir: Path = Path("runs/checkpoints")
+    checkpoint_every: int = Field(default=1, ge=1)
+    """Write a checkpoint (and publish the model) at least every this many versions."""
+    checkpoint_interval: float = Field(default=2.0, gt=0.0)
+    """... or when this many seconds passed with versions not yet durable."""
+    prefetch: int = Field(default=16, ge=1)
+    """Unacked updates held at once; raised to twice the strategy's buffer when smaller."""
+    max_message_bytes: int = Field(default=DEFAULT_MAX_MESSAGE_BYTES, gt=0)
+    trainer_timeout: float = Field(default=DEFAULT_TRAINER_TIMEOUT_S, gt=0.0)
+    aggregator_id: str = "aggregator"

@@ -1,0 +1,56 @@
+"""A task: what trainers are told (`TaskSpec`) plus how the aggregator folds their updates."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field
+
+from schemas import TaskSpec
+from services.aggregator.strategies.factory import StrategyConfig
+from services.common.topology import DEFAULT_MAX_UPDATE_BYTES
+
+
+class TaskDefinition(BaseModel):
+    """The operator's task file: the spec shown to trainers and the aggregation strategy."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    spec: TaskSpec
+    strategy: StrategyConfig = Field(default_factory=StrategyConfig)
+    queue_type: Literal["classic", "quorum"] = "classic"
+    max_update_bytes: int = Field(default=DEFAULT_MAX_UPDATE_BYTES, gt=0)
+    """Back-pressure: the updates queue refuses publishes beyond this many bytes."""
+
+    @property
+    def task_id(self) -> str:
+        """The task's id, shared by every queue and routing key of the task."""
+        return self.spec.task_id
+
+    def fingerprint(self) -> str:
+        """What must not change between a checkpoint and a restart (same model, same task)."""
+        s = self.spec
+        return f"{s.task_id}:{s.model}:{s.num_classes}:{s.in_channels}:{s.image_size}"
+
+
+def load_task(path: Path) -> TaskDefinition:
+    """Read a task file (YAML or JSON) into a validated `TaskDefinition`."""
+    text = path.read_text()
+    raw = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: a task file is a mapping with `spec` and `strategy`")
+    return TaskDefinition.model_validate(raw)
+
+
+def with_consistent_spec(task: TaskDefinition) -> TaskDefinition:
+    """Tell trainers what the strategy implies (the strategy's name, a round barrier or not)."""
+    spec = task.spec.model_copy(
+        update={
+            "strategy": task.strategy.name,
+            "synchronous": task.strategy.name == "fedavg",
+        }
+    )
+    return task.model_copy(update={"spec": spec})

@@ -1,0 +1,13 @@
+"""Prometheus endpoint helper: every service exposes its own registry on an HTTP port."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, start_http_server
+
+
+def serve_metrics(registry: CollectorRegistry, port: int | None) -> int | None:
+    """Expose `registry` on `port` (0 picks a free one); return the bound port or None."""
+    if port is None:
+        return None
+    server, _thread = start_http_server(port, registry=registry)
+    return int(server.server_port)
