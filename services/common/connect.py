@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from services.common.bus import Bus
 from services.common.settings import ServiceSettings
 from services.common.topology import Topology
@@ -13,10 +15,14 @@ def bus_from_settings(settings: ServiceSettings, *, topology: Topology | None = 
 
     return PikaBus(
         settings.amqp_url,
-        ca_file=settings.ca_file,
-        cert_file=settings.cert_file,
-        key_file=settings.key_file,
+        ca_file=_text(settings.ca_file),
+        cert_file=_text(settings.cert_file),
+        key_file=_text(settings.key_file),
         allow_insecure_remote=settings.allow_insecure_remote,
         heartbeat=settings.heartbeat,
         topology=topology,
     )
+
+
+def _text(path: Path | None) -> str | None:
+    return None if path is None else str(path)

@@ -1,0 +1,175 @@
+"""The demo's flow: check the broker and the data, start the federation, watch, stop, report."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+from services.common.settings import ServiceSettings
+from services.demo.federation import Federation, FederationPlan
+from services.demo.status import FederationStatus
+
+REFRESH_S = 1.0
+
+
+@dataclass(frozen=True)
+class DemoOptions:
+    """What `fedmq demo` was asked to run."""
+
+    task_id: str
+    run_dir: Path
+    trainers: int
+    partition: str
+    dirichlet_alpha: float
+    model: str
+    strategy: str
+    duration: float
+    stragglers: int
+    straggler_slowdown: float
+    data_dir: Path | None
+    seed: int
+    live: bool
+    aggregator_flags: tuple[str, ...] = ()
+
+
+def run_federation(options: DemoOptions, *, settings: ServiceSettings, console: Console) -> int:
+    """Run one demo federation to its time budget; return the process exit code."""
+    from services.common.bus import TransportError
+    from services.common.cli import HOW_TO_START_A_BROKER
+    from services.common.connect import bus_from_settings
+
+    try:
+        bus = bus_from_settings(settings)
+    except TransportError as error:
+        console.print(f"[red]fedmq demo needs RabbitMQ and none answered:[/] {error}")
+        console.print(HOW_TO_START_A_BROKER)
+        return 2
+    data_file = _check_data(options, console)
+    if data_file is None:
+        bus.close()
+        return 2
+    with bus:
+        return _run(options, bus, console, data_file)
+
+
+def _check_data(options: DemoOptions, console: Console) -> Path | None:
+    from services.common.data.dataset import DatasetError
+    from services.common.data.medmnist import ensure_medmnist_file
+
+    try:
+        return ensure_medmnist_file("pneumoniamnist", data_dir=options.data_dir)
+    except DatasetError as error:
+        console.print(f"[red]no PneumoniaMNIST data:[/] {error}")
+        return None
+
+
+def _run(options: DemoOptions, bus: object, console: Console, data_file: Path) -> int:
+    from services.common.bus import Bus
+    from services.demo.watcher import EventWatcher
+    from services.report.manifest import RunManifest, write_manifest
+
+    assert isinstance(bus, Bus)
+    plan = FederationPlan(
+        task_id=options.task_id,
+        run_dir=options.run_dir,
+        trainers=options.trainers,
+        model=options.model,
+        strategy=options.strategy,
+        partition=options.partition,
+        dirichlet_alpha=options.dirichlet_alpha,
+        stragglers=options.stragglers,
+        straggler_slowdown=options.straggler_slowdown,
+        data_dir=data_file.parent,
+        seed=options.seed,
+        aggregator_flags=options.aggregator_flags,
+    )
+    status = FederationStatus(task_id=options.task_id)
+    watcher = EventWatcher(bus, status)
+    federation = Federation(plan)
+    write_manifest(
+        options.run_dir,
+        RunManifest(
+            name=f"{options.strategy} ({options.trainers} sites)",
+            kind="federated",
+            strategy=options.strategy,
+            model=options.model,
+            started_at=status.started_at,
+            config={"trainers": options.trainers, "partition": options.partition,
+                    "dirichlet_alpha": options.dirichlet_alpha, "stragglers": options.stragglers,
+                    "duration": options.duration, "task_id": options.task_id},
+        ),
+    )
+    console.print(
+        f"fedmq demo: {options.trainers} hospitals, {options.partition} partition, "
+        f"{options.model}, {options.strategy}, {options.duration:.0f} s. Ctrl-C stops it."
+    )
+    federation.start()
+    interrupted = False
+    try:
+        _watch(watcher, status, options, console)
+    except KeyboardInterrupt:
+        interrupted = True
+        console.print("stopping every process ...")
+    finally:
+        codes = federation.stop()
+        time.sleep(0.5)
+        watcher.poll()
+        watcher.close()
+    console.print(_summary(status, codes))
+    report_dir = _write_report(options.run_dir, console)
+    console.print(f"run directory: {options.run_dir}  report: {report_dir}")
+    return 130 if interrupted else 0
+
+
+def _watch(
+    watcher: object, status: FederationStatus, options: DemoOptions, console: Console
+) -> None:
+    from services.demo.watcher import EventWatcher
+
+    assert isinstance(watcher, EventWatcher)
+    deadline = time.monotonic() + options.duration
+    if not options.live:
+        while time.monotonic() < deadline:
+            watcher.poll()
+            latest = status.latest_eval
+            accuracy = "-" if latest is None else f"{latest.accuracy:.3f}"
+            console.print(
+                f"version {status.version} applied {status.updates_applied} "
+                f"rejected {status.updates_rejected} trainers {status.active_trainers} "
+                f"accuracy {accuracy}"
+            )
+            time.sleep(5 * REFRESH_S)
+        return
+    with Live(status.table(), console=console, refresh_per_second=2) as live:
+        while time.monotonic() < deadline:
+            watcher.poll()
+            live.update(status.table())
+            time.sleep(REFRESH_S)
+
+
+def _summary(status: FederationStatus, codes: dict[str, int]) -> Table:
+    table = status.table()
+    table.title = f"fedmq demo summary ({status.task_id})"
+    best = status.best_accuracy
+    table.add_row("best test accuracy", "n/a" if best is None else f"{best:.3f}")
+    table.add_row("evaluations", str(len(status.evaluations)))
+    clean = all(code == 0 for code in codes.values())
+    table.add_row("processes", "all stopped cleanly" if clean else f"exit codes {codes}")
+    return table
+
+
+def _write_report(run_dir: Path, console: Console) -> Path | None:
+    from services.report.errors import RunLogError
+    from services.report.writer import write_report
+
+    try:
+        write_report([run_dir], run_dir / "report", targets=(0.8, 0.85))
+    except RunLogError as error:
+        console.print(f"[yellow]no report:[/] {error}")
+        return None
+    return run_dir / "report"

@@ -1,0 +1,159 @@
+"""The aggregator as a real process against the real broker: math, dead letters, crashes."""
+
+from __future__ import annotations
+
+import math
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import msgpack
+import numpy as np
+import pytest
+
+from schemas import SCHEMA_HEADER, SCHEMA_VERSION, GlobalModel, encode
+from services.common.bus import Bus
+from services.common.bus.pika_bus import PikaBus
+from services.common.settings import DEFAULT_AMQP_URL
+from services.common.topology import control_queue, updates_queue
+from tests.support.probe import FederationProbe
+from tests.support.processes import ServiceProcess
+
+pytestmark = [pytest.mark.broker, pytest.mark.slow]
+
+ALPHA = 0.5
+
+
+@pytest.fixture
+def task_id() -> str:
+    return f"agg-{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture
+def bus(task_id: str) -> Iterator[Bus]:
+    with PikaBus(DEFAULT_AMQP_URL) as connected:
+        yield connected
+        for queue in (updates_queue(task_id), control_queue(task_id)):
+            connected.delete_queue(queue)
+
+
+def _start_aggregator(task_id: str, tmp_path: Path, *extra: str) -> ServiceProcess:
+    return ServiceProcess(
+        [
+            "aggregator", "--task-id", task_id, "--checkpoint-dir", str(tmp_path / "ckpt"),
+            "--model", "cnn-small", "--strategy", "fedasync", "--alpha", str(ALPHA),
+            "--staleness", "constant", *extra,
+        ],
+        log_path=tmp_path / "aggregator.log",
+    )
+
+
+def _floats(model: GlobalModel) -> np.ndarray:
+    return np.concatenate(
+        [t.to_numpy().ravel() for t in model.tensors if t.dtype.startswith("float")]
+    )
+
+
+@pytest.fixture
+def aggregator(task_id: str, tmp_path: Path) -> Iterator[ServiceProcess]:
+    process = _start_aggregator(task_id, tmp_path, "--max-staleness", "2")
+    yield process
+    assert process.terminate() == 0, process.output()[-3000:]
+
+
+def test_hand_made_updates_advance_the_model_as_fedasync_predicts(
+    bus: Bus, task_id: str, aggregator: ServiceProcess
+) -> None:
+    # Given a trainer-less probe that joined and holds version 0
+    probe = FederationProbe(bus, task_id, "site-a")
+    start = probe.join().model
+    assert start.version == 0
+    # When it publishes two deltas, the second one based on the stale version 0
+    probe.publish(probe.update(start, 0.2))
+    v1 = probe.newest_model(min_version=1)
+    probe.publish(probe.update(start, 0.4, base_version=0))
+    v2 = probe.newest_model(min_version=2)
+    # Then each version moved by alpha * s(staleness) * delta, s = 1 (constant)
+    assert (v1.version, v2.version) == (1, 2)
+    np.testing.assert_allclose(_floats(v1), _floats(start) + ALPHA * 0.2, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(_floats(v2), _floats(v1) + ALPHA * 0.4, rtol=1e-6, atol=1e-7)
+    assert v2.updates_applied == 2
+
+
+def _raw_update(probe: FederationProbe, model: GlobalModel, **changes: object) -> bytes:
+    fields = probe.update(model, 0.1).model_dump()
+    fields.update(changes)
+    return msgpack.packb({"schema": SCHEMA_VERSION, **fields}, use_bin_type=True)
+
+
+def test_bad_updates_land_in_the_dead_letter_queue_with_their_reason(
+    bus: Bus, task_id: str, aggregator: ServiceProcess
+) -> None:
+    probe = FederationProbe(bus, task_id, "site-b")
+    model = probe.join().model
+    headers = {SCHEMA_HEADER: SCHEMA_VERSION}
+    nan_delta = [
+        {"name": t.name, "dtype": "float32", "shape": list(t.shape),
+         "data": np.full(t.shape, math.nan, np.float32).tobytes()}
+        for t in model.tensors if t.dtype == "float32"
+    ]
+    first = model.tensors[0]
+    wrong_shape = [{"name": first.name, "dtype": "float32", "shape": [3], "data": b"\0" * 12}]
+    duplicate = probe.update(model, 0.01)
+    sent = {
+        probe.publish_raw(b"\x93garbage", headers=headers): "not-msgpack",
+        probe.publish_raw(_raw_update(probe, model, delta=nan_delta), headers=headers):
+            "non-finite",
+        probe.publish_raw(_raw_update(probe, model, delta=wrong_shape), headers=headers):
+            "shape-mismatch",
+        probe.publish(probe.update(model, 0.1, task_id="elsewhere")): "unknown-task",
+        probe.publish(probe.update(model, 0.1, base_version=99)): "future-version",
+        probe.publish_raw(encode(duplicate), content_type="text/plain", headers=headers):
+            "content-type",
+    }
+    probe.publish(duplicate)
+    sent[probe.publish(duplicate)] = "duplicate"
+    # stale: three more versions, then an update based on version 0 (max staleness 2)
+    for _ in range(3):
+        current = probe.newest_model(min_version=0, timeout=5)
+        probe.publish(probe.update(current, 0.0))
+    probe.newest_model(min_version=4)
+    sent[probe.publish(probe.update(model, 0.1, base_version=0))] = "stale"
+
+    letters = probe.dead_letters(expected=len(sent))
+    reasons = {letter.message_id: letter.reason for letter in letters}
+    assert reasons == sent
+    assert all(letter.detail for letter in letters)
+    # and the aggregator keeps serving: a good update still becomes a new version
+    current = probe.newest_model(min_version=4)
+    probe.publish(probe.update(current, 0.05))
+    assert probe.newest_model(min_version=current.version + 1).version == current.version + 1
+    assert aggregator.alive()
+
+
+def test_an_aggregator_killed_mid_stream_applies_every_update_exactly_once(
+    bus: Bus, task_id: str, tmp_path: Path
+) -> None:
+    # Given 40 distinct updates already confirmed into the durable updates queue
+    first = _start_aggregator(task_id, tmp_path)
+    probe = FederationProbe(bus, task_id, "site-c")
+    start = probe.join().model
+    fills = [0.001 * (i + 1) for i in range(40)]
+    for fill in fills:
+        probe.publish(probe.update(start, fill, base_version=0))
+    # When the aggregator is SIGKILLed twice in the middle of the stream and restarted
+    probe.newest_model(min_version=8, timeout=60)
+    first.kill()
+    second = _start_aggregator(task_id, tmp_path)
+    probe.newest_model(min_version=20, timeout=60)
+    second.kill()
+    third = _start_aggregator(task_id, tmp_path)
+    try:
+        final = probe.newest_model(min_version=40, timeout=120)
+    finally:
+        assert third.terminate() == 0, third.output()[-3000:]
+    # Then every update was applied exactly once: one version each, and the sum of all
+    assert final.version == 40
+    assert final.updates_applied == 40
+    expected = _floats(start) + ALPHA * sum(fills)
+    np.testing.assert_allclose(_floats(final), expected, rtol=1e-5, atol=1e-6)
