@@ -60,7 +60,7 @@ class Tensor(BaseModel):
         if value not in ITEMSIZE:
             raise PydanticCustomError(
                 "bad_dtype",
-                "dtype {dtype!r} is not allowed (allowed: {allowed})",
+                "dtype {dtype} is not allowed (allowed: {allowed})",
                 {"dtype": value[:32], "allowed": ", ".join(sorted(ITEMSIZE))},
             )
         return value
@@ -84,7 +84,7 @@ class Tensor(BaseModel):
         if len(self.data) != expected:
             raise PydanticCustomError(
                 "shape_mismatch",
-                "tensor {name!r}: shape {shape} of {dtype} needs {expected} bytes, got {actual}",
+                "tensor {name}: shape {shape} of {dtype} needs {expected} bytes, got {actual}",
                 {
                     "name": self.name,
                     "shape": list(self.shape),
@@ -95,7 +95,7 @@ class Tensor(BaseModel):
             )
         if self.dtype in FLOAT_DTYPES and not _all_finite(self.data, self.dtype):
             raise PydanticCustomError(
-                "non_finite", "tensor {name!r} contains NaN or Inf", {"name": self.name}
+                "non_finite", "tensor {name} contains NaN or Inf", {"name": self.name}
             )
         return self
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Final, Literal, TypeVar
 
-ExchangeType = Literal["topic", "direct", "fanout", "headers"]
+ExchangeType = Literal["topic", "direct", "fanout"]
 QueueType = Literal["classic", "quorum"]
 EventType = Literal[
     "heartbeat",
@@ -278,8 +278,11 @@ def events_queue(watcher_id: str, task_id: str | None = None) -> QueueSpec:
     else:
         task = validate_id(task_id, what="task id")
         name = f"fedmq.{task}.watch.{watcher}"
-        # heartbeat.<task>.<who>, eval.<task>, and the three-word kinds ending in <task>.
-        patterns = (f"heartbeat.{task}.*", f"*.{task}", f"*.*.{task}")
+        # One exact pattern per kind: `*.*.<task>` would also catch `heartbeat.<other>.<task>`.
+        patterns = tuple(
+            f"heartbeat.{task}.*" if event == "heartbeat" else f"{event}.{task}"
+            for event in _EVENT_ORDER
+        )
     return QueueSpec(
         name=name,
         durable=False,
@@ -326,6 +329,12 @@ def event_key(event: EventType, task_id: str, who: str | None = None) -> str:
     return f"{event}.{task}"
 
 
-_EVENT_TYPES: Final = frozenset(
-    {"heartbeat", "trainer.joined", "trainer.left", "model.published", "eval", "update.rejected"}
+_EVENT_ORDER: Final[tuple[EventType, ...]] = (
+    "heartbeat",
+    "trainer.joined",
+    "trainer.left",
+    "model.published",
+    "eval",
+    "update.rejected",
 )
+_EVENT_TYPES: Final = frozenset(_EVENT_ORDER)

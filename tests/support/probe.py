@@ -7,9 +7,11 @@ import uuid
 from dataclasses import dataclass
 
 import numpy as np
+import pika
 
-from schemas import GlobalModel, JoinAccepted, JoinRequest, ModelUpdate, Rejection, Tensor
+from schemas import CONTENT_TYPE, GlobalModel, JoinAccepted, JoinRequest, ModelUpdate, Rejection, Tensor
 from services.common.bus import Bus
+from services.common.settings import DEFAULT_AMQP_URL
 from services.common.messaging import call_message, decode_delivery, publish_message
 from services.common.topology import (
     CONTROL_EXCHANGE,
@@ -39,11 +41,17 @@ class DeadLetter:
 class FederationProbe:
     """Plays a trainer by hand: every delta and every version is chosen by the test."""
 
-    def __init__(self, bus: Bus, task_id: str, trainer_id: str) -> None:
+    def __init__(
+        self, bus: Bus, task_id: str, trainer_id: str, *, amqp_url: str = DEFAULT_AMQP_URL
+    ) -> None:
         self.bus = bus
+        self.amqp_url = amqp_url
         self.task_id = task_id
         self.trainer_id = trainer_id
         self.follower = follower_queue(task_id, trainer_id).name
+        self.latest: GlobalModel | None = None
+        self.versions_seen: list[int] = []
+        """Every version read from the follower queue, in arrival order."""
         # A private tap on the dead-letter exchange: `fedmq.dead` is shared by every test.
         self.dead_tap = f"test.dead.{uuid.uuid4().hex[:12]}"
         tap = QueueSpec(
@@ -98,31 +106,51 @@ class FederationProbe:
             self.bus, UPDATES_EXCHANGE, update_key(self.task_id, update.trainer_id), update
         )
 
-    def publish_raw(self, body: bytes, *, kind: str = "model_update", **options: object) -> str:
-        """Publish arbitrary bytes to the updates exchange (hostile-input tests)."""
+    def publish_raw(
+        self,
+        body: bytes,
+        *,
+        kind: str | None = "model_update",
+        content_type: str | None = CONTENT_TYPE,
+        headers: dict[str, object] | None = None,
+    ) -> str:
+        """Publish arbitrary bytes and properties with bare pika (hostile-input tests)."""
         message_id = uuid.uuid4().hex
-        self.bus.publish(
-            UPDATES_EXCHANGE, update_key(self.task_id, self.trainer_id), body,
-            kind=kind, message_id=message_id, **options,  # type: ignore[arg-type]
+        properties = pika.BasicProperties(
+            content_type=content_type,
+            type=kind,
+            message_id=message_id,
+            headers=headers,
+            delivery_mode=2,
         )
+        connection = pika.BlockingConnection(pika.URLParameters(self.amqp_url))
+        try:
+            channel = connection.channel()
+            channel.confirm_delivery()
+            channel.basic_publish(
+                UPDATES_EXCHANGE, update_key(self.task_id, self.trainer_id), body, properties
+            )
+        finally:
+            connection.close()
         return message_id
 
     def newest_model(self, *, min_version: int = 0, timeout: float = 30.0) -> GlobalModel:
         """The newest model in the follower queue once its version reaches `min_version`."""
         deadline = time.monotonic() + timeout
-        newest: GlobalModel | None = None
         while time.monotonic() < deadline:
             delivery = self.bus.get(self.follower)
             if delivery is None:
+                newest = self.latest
                 if newest is not None and newest.version >= min_version:
                     return newest
                 time.sleep(0.1)
                 continue
             self.bus.ack(delivery)
             model = decode_delivery(delivery, (GlobalModel,))
-            if newest is None or model.version > newest.version:
-                newest = model
-        seen = None if newest is None else newest.version
+            self.versions_seen.append(model.version)
+            if self.latest is None or model.version > self.latest.version:
+                self.latest = model
+        seen = None if self.latest is None else self.latest.version
         raise AssertionError(f"no model with version >= {min_version} (newest seen: {seen})")
 
     def dead_letters(self, *, expected: int = 0, timeout: float = 20.0) -> list[DeadLetter]:
