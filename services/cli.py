@@ -43,6 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `fedmq` console script; returns the process exit code."""
     args = build_parser().parse_args(argv)
+    from services.common.memory import reuse_freed_memory
+
+    reuse_freed_memory()
     try:
         result = args.func(args)
     except KeyboardInterrupt:
