@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +61,16 @@ def register(subcommands: Any) -> None:
     parser.add_argument("--checkpoint-every", type=int)
     parser.add_argument("--metrics-port", type=int)
     parser.add_argument("--fedbn", action="store_true", help="keep BatchNorm local to sites")
+    parser.add_argument("--trainer-keys", type=Path, help="trainers' public keys (file or dir)")
+    parser.add_argument(
+        "--require-user-id-match",
+        action="store_true",
+        default=None,
+        help="each trainer has its own broker login, equal to its trainer id",
+    )
+    parser.add_argument("--replay-window", type=float, help="seconds (default 600)")
+    parser.add_argument("--dp-delta", type=float, help="delta of the reported epsilon")
+    parser.add_argument("--dp-epsilon-budget", type=float, help="stop before exceeding it")
     for flag, _field, kind in _SPEC_FLAGS + _STRATEGY_FLAGS:
         parser.add_argument(flag, type=kind)
     parser.set_defaults(func=run)
@@ -73,6 +84,11 @@ def settings_from_args(args: argparse.Namespace) -> AggregatorSettings:
         "checkpoint_dir": args.checkpoint_dir,
         "checkpoint_every": args.checkpoint_every,
         "metrics_port": args.metrics_port,
+        "trainer_keys": args.trainer_keys,
+        "require_user_id_match": args.require_user_id_match,
+        "replay_window_s": args.replay_window,
+        "dp_delta": args.dp_delta,
+        "dp_epsilon_budget": args.dp_epsilon_budget,
     }
     return AggregatorSettings(**{k: v for k, v in overrides.items() if v is not None})
 
@@ -80,13 +96,23 @@ def settings_from_args(args: argparse.Namespace) -> AggregatorSettings:
 def task_from_args(args: argparse.Namespace, settings: AggregatorSettings) -> TaskDefinition:
     """The task file when given, else a task built from the flags (defaults: cnn-small)."""
     if settings.task_file is not None:
-        return with_consistent_spec(load_task(settings.task_file))
+        return _with_signatures(with_consistent_spec(load_task(settings.task_file)), settings)
     spec: dict[str, Any] = {"task_id": settings.task_id, "model": "cnn-small", "num_classes": 2}
     spec.update(_given(args, _SPEC_FLAGS))
     if args.fedbn:
         spec["fedbn"] = True
     definition = {"spec": spec, "strategy": _given(args, _STRATEGY_FLAGS)}
-    return with_consistent_spec(TaskDefinition.model_validate(definition))
+    return _with_signatures(
+        with_consistent_spec(TaskDefinition.model_validate(definition)), settings
+    )
+
+
+def _with_signatures(task: TaskDefinition, settings: AggregatorSettings) -> TaskDefinition:
+    """With trainer keys, every update must be signed: say so in the spec trainers receive."""
+    if settings.trainer_keys is None or task.spec.signatures_required:
+        return task
+    spec = task.spec.model_copy(update={"signatures_required": True})
+    return task.model_copy(update={"spec": spec})
 
 
 def _given(args: argparse.Namespace, flags: tuple[tuple[str, str, type], ...]) -> dict[str, Any]:
@@ -100,6 +126,7 @@ def _given(args: argparse.Namespace, flags: tuple[tuple[str, str, type], ...]) -
 
 def run(args: argparse.Namespace) -> int:
     """Serve until SIGTERM/SIGINT; the last checkpoint is written on the way out."""
+    from services.aggregator.accounting import privacy_accountant
     from services.aggregator.bootstrap import load_core
     from services.aggregator.checkpoint import CheckpointStore
     from services.aggregator.metrics import AggregatorMetrics
@@ -114,6 +141,12 @@ def run(args: argparse.Namespace) -> int:
     task = task_from_args(args, settings)
     store = CheckpointStore(settings.checkpoint_dir / task.task_id)
     core = load_core(task, store)
+    core.accountant = privacy_accountant(
+        core.strategy, delta=settings.dp_delta, budget=settings.dp_epsilon_budget
+    )
+    if settings.dp_epsilon_budget is not None and core.accountant is None:
+        print("an epsilon budget needs central DP (--dp-noise-multiplier)", file=sys.stderr)
+        return 2
     metrics = AggregatorMetrics()
     serve_metrics(metrics.registry, settings.metrics_port)
     bus = bus_from_settings(settings)

@@ -15,11 +15,18 @@ import numpy as np
 import numpy.typing as npt
 
 from schemas import GlobalModel, ModelUpdate, Tensor
+from services.aggregator.accounting import PrivacyAccountant
 from services.aggregator.checkpoint import Checkpoint
 from services.aggregator.layout import ParamLayout
 from services.aggregator.strategies.base import StepResult, Strategy
 from services.aggregator.task import TaskDefinition
-from services.aggregator.validation import UpdateContext, is_already_applied, to_contribution
+from services.aggregator.validation import (
+    RejectedUpdate,
+    RejectReason,
+    UpdateContext,
+    is_already_applied,
+    to_contribution,
+)
 
 MAX_APPLIED_IDS = 10_000
 """How many applied update ids are remembered (and checkpointed) to drop redeliveries.
@@ -53,6 +60,7 @@ class AggregatorCore:
         applied_ids: Iterable[str] = (),
         updates_applied: int = 0,
         updates_rejected: int = 0,
+        accountant: PrivacyAccountant | None = None,
     ) -> None:
         self.task = task
         self.layout = layout
@@ -62,8 +70,11 @@ class AggregatorCore:
         self.version = version
         self.updates_applied = updates_applied
         self.updates_rejected = updates_rejected
+        self.accountant = accountant
+        """Central DP's (epsilon, delta) and budget; None without DP (or without accounting)."""
         self._applied: OrderedDict[str, None] = OrderedDict.fromkeys(applied_ids)
-        self._pending: set[str] = set()
+        self._pending: dict[str, str] = {}
+        """Buffered update ids and the trainer of each."""
         self._staleness_sum = 0.0
         self._staleness_count = 0
         float_entries = [e for e in layout.entries if e.is_float]
@@ -73,7 +84,13 @@ class AggregatorCore:
 
     @classmethod
     def restore(
-        cls, *, task: TaskDefinition, layout: ParamLayout, strategy: Strategy, saved: Checkpoint
+        cls,
+        *,
+        task: TaskDefinition,
+        layout: ParamLayout,
+        strategy: Strategy,
+        saved: Checkpoint,
+        accountant: PrivacyAccountant | None = None,
     ) -> AggregatorCore:
         """Resume from a checkpoint (its fingerprint must match the task)."""
         if saved.fingerprint != task.fingerprint():
@@ -92,6 +109,7 @@ class AggregatorCore:
             applied_ids=saved.applied_ids,
             updates_applied=saved.updates_applied,
             updates_rejected=saved.updates_rejected,
+            accountant=accountant,
         )
 
     @property
@@ -103,6 +121,16 @@ class AggregatorCore:
     def mean_staleness(self) -> float:
         """Mean staleness of every update admitted since this process started."""
         return self._staleness_sum / self._staleness_count if self._staleness_count else 0.0
+
+    @property
+    def epsilon(self) -> float | None:
+        """Central DP's epsilon spent by the versions so far; None when not accounted."""
+        return None if self.accountant is None else self.accountant.epsilon
+
+    @property
+    def privacy_exhausted(self) -> bool:
+        """Whether one more version would exceed the epsilon budget (nothing is applied)."""
+        return self.accountant is not None and self.accountant.exhausted
 
     def context(self) -> UpdateContext:
         """The state an update is checked against right now."""
@@ -123,11 +151,13 @@ class AggregatorCore:
         if is_already_applied(update, context, redelivered=redelivered):
             return Outcome("redelivered", staleness=self.version - update.base_version)
         try:
+            self._check_budget()
             contribution = to_contribution(update, context)
+            self._check_one_per_trainer(contribution.trainer_id)
         except Exception:
             self.updates_rejected += 1
             raise
-        self._pending.add(contribution.update_id)
+        self._pending[contribution.update_id] = contribution.trainer_id
         self._staleness_sum += contribution.staleness
         self._staleness_count += 1
         step = self.strategy.submit(self.weights, contribution, now=now)
@@ -171,12 +201,30 @@ class AggregatorCore:
             fingerprint=self.task.fingerprint(),
         )
 
+    def _check_budget(self) -> None:
+        accountant = self.accountant
+        if accountant is not None and accountant.exhausted:
+            raise RejectedUpdate(
+                RejectReason.PRIVACY_BUDGET_EXHAUSTED,
+                f"epsilon {accountant.epsilon:.4g} after {accountant.steps} versions: one more"
+                f" would exceed the budget {accountant.budget} (delta {accountant.delta:g})",
+            )
+
+    def _check_one_per_trainer(self, trainer_id: str) -> None:
+        # User-level DP assumes sensitivity C per trainer and step (see accounting.py).
+        if self.accountant is not None and trainer_id in self._pending.values():
+            raise RejectedUpdate(
+                RejectReason.ALREADY_IN_BUFFER,
+                f"trainer {trainer_id!r} already has an update in the next aggregate:"
+                " a second one would double its privacy sensitivity",
+            )
+
     def _apply(self, step: StepResult) -> None:
         self.weights = step.weights
         self.version += 1
         self.updates_applied += len(step.applied)
         for update_id in step.applied:
-            self._pending.discard(update_id)
+            self._pending.pop(update_id, None)
             self._applied[update_id] = None
         while len(self._applied) > MAX_APPLIED_IDS:
             self._applied.popitem(last=False)

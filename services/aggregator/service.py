@@ -26,6 +26,7 @@ from schemas import (
     Heartbeat,
     JoinAccepted,
     JoinRequest,
+    Message,
     ModelPublished,
     ModelUpdate,
     Rejection,
@@ -35,6 +36,7 @@ from schemas import (
 )
 from services.aggregator.checkpoint import CheckpointStore
 from services.aggregator.core import AggregatorCore
+from services.aggregator.identity import SenderCheck, sender_check
 from services.aggregator.metrics import AggregatorMetrics
 from services.aggregator.registry import TrainerRegistry
 from services.aggregator.settings import AggregatorSettings
@@ -90,6 +92,7 @@ class AggregatorService:
         settings: AggregatorSettings,
         metrics: AggregatorMetrics | None = None,
         clock: Callable[[], float] = time.time,
+        identity: SenderCheck | None = None,
     ) -> None:
         self._bus = bus
         self._task = task
@@ -99,6 +102,8 @@ class AggregatorService:
         self._metrics = metrics or AggregatorMetrics()
         self._clock = clock
         self._registry = TrainerRegistry(timeout=settings.trainer_timeout)
+        self._identity = identity if identity is not None else _sender_check(settings, task)
+        self._privacy_spent_logged = False
         self._inbox: queue.Queue[tuple[str, Delivery]] = queue.Queue()
         self._pending = _Pending()
         self._stop = threading.Event()
@@ -180,6 +185,7 @@ class AggregatorService:
         started = time.perf_counter()
         try:
             update = self._decode(delivery, ModelUpdate)
+            self._check_sender(update, delivery)
             outcome = self._core.submit(update, redelivered=delivery.redelivered, now=self._clock())
         except DecodeError as error:
             self._core.count_rejection()
@@ -207,6 +213,18 @@ class AggregatorService:
         )
         if outcome.step is not None:
             self._settle(outcome.step)
+
+    def _check_sender(self, update: ModelUpdate, delivery: Delivery) -> None:
+        try:
+            self._identity.check(
+                update,
+                user_id=delivery.properties.user_id,
+                now=self._clock(),
+                redelivered=delivery.redelivered,
+            )
+        except RejectedUpdate:
+            self._core.count_rejection()
+            raise
 
     def _settle(self, step: StepResult) -> None:
         for update_id in step.applied:
@@ -349,6 +367,7 @@ class AggregatorService:
             self._durable_version = core.version
             self._published = core.global_model()
             self._publish_model(self._published)
+            self._log_privacy_spent()
         for delivery in self._pending.to_ack:
             self._bus.ack(delivery)
         self._pending.to_ack.clear()
@@ -368,15 +387,40 @@ class AggregatorService:
             updates_rejected=self._core.updates_rejected,
             mean_staleness=self._core.mean_staleness,
             active_trainers=len(self._registry),
+            epsilon=self._core.epsilon,
         )
         self._emit("model.published", published)
 
-    def _emit(self, event: str, message: BaseModel, *, who: str | None = None) -> None:
+    def _log_privacy_spent(self) -> None:
+        accountant = self._core.accountant
+        if accountant is None or self._privacy_spent_logged or not accountant.exhausted:
+            return
+        self._privacy_spent_logged = True
+        self._log.warning(
+            "privacy_budget_exhausted",
+            version=self._core.version,
+            epsilon=accountant.epsilon,
+            delta=accountant.delta,
+            budget=accountant.budget,
+            detail="no further version will be published; updates are dead-lettered",
+        )
+
+    def _emit(self, event: str, message: Message, *, who: str | None = None) -> None:
         try:
             key = event_key(event, self._task.task_id, who)  # type: ignore[arg-type]
             publish_message(self._bus, EVENTS_EXCHANGE, key, message)
         except TransportError as error:
             self._log.warning("event_publish_failed", event=event, error=str(error))
+
+
+def _sender_check(settings: AggregatorSettings, task: TaskDefinition) -> SenderCheck:
+    return sender_check(
+        trainer_keys=settings.trainer_keys,
+        signatures_required=task.spec.signatures_required,
+        require_user_id_match=settings.require_user_id_match,
+        amqp_url=settings.amqp_url,
+        replay_window_s=settings.replay_window_s,
+    )
 
 
 def _safe_id(value: str | None) -> str | None:

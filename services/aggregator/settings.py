@@ -7,6 +7,8 @@ from pathlib import Path
 from pydantic import Field
 
 from schemas import DEFAULT_MAX_MESSAGE_BYTES
+from services.aggregator.accounting import DEFAULT_DELTA
+from services.aggregator.identity import DEFAULT_REPLAY_WINDOW_S
 from services.aggregator.registry import DEFAULT_TRAINER_TIMEOUT_S
 from services.common.settings import ServiceSettings
 
@@ -26,3 +28,14 @@ class AggregatorSettings(ServiceSettings):
     max_message_bytes: int = Field(default=DEFAULT_MAX_MESSAGE_BYTES, gt=0)
     trainer_timeout: float = Field(default=DEFAULT_TRAINER_TIMEOUT_S, gt=0.0)
     aggregator_id: str = "aggregator"
+    trainer_keys: Path | None = None
+    """Trainers' public keys (a file of `<id> ed25519:<base64>` lines or a dir of `*.pub`):
+    when set, only these trainers are accepted and every update must be signed."""
+    require_user_id_match: bool = False
+    """Each trainer has its own broker login: `user_id` must be present and equal `trainer_id`."""
+    replay_window_s: float = Field(default=DEFAULT_REPLAY_WINDOW_S, gt=0.0)
+    """Updates created further than this from their arrival (either way) are replays."""
+    dp_delta: float = Field(default=DEFAULT_DELTA, gt=0.0, lt=1.0)
+    """delta of the (epsilon, delta) reported under central DP."""
+    dp_epsilon_budget: float | None = Field(default=None, gt=0.0)
+    """Under central DP, no version is published whose epsilon would exceed this."""

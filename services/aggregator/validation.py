@@ -24,6 +24,9 @@ class RejectReason(StrEnum):
     IDENTITY_MISMATCH = "identity-mismatch"
     BAD_SIGNATURE = "bad-signature"
     REPLAY = "replay"
+    PRIVACY_BUDGET_EXHAUSTED = "privacy-budget-exhausted"
+    ALREADY_IN_BUFFER = "already-in-buffer"
+    """Under DP, a trainer's second update while its first is still buffered (sensitivity C)."""
 
 
 class RejectedUpdate(Exception):

@@ -160,7 +160,7 @@ def _train_step(
 ) -> float:
     optimizer.zero_grad(set_to_none=True)
     loss = F.cross_entropy(model(images), labels)
-    loss.backward()
+    torch.autograd.backward(loss)
     optimizer.step()
     return float(loss.detach())
 
@@ -226,7 +226,7 @@ def _predict(model: nn.Module, dataset: LabelledImages, batch_size: int) -> Batc
     try:
         with torch.inference_mode():
             for images, labels in DataLoader(dataset, batch_size=batch_size, shuffle=False):
-                outputs.append(model(images.to(device)).float().cpu())
+                outputs.append(model(images.to(device)).detach().float().cpu())
                 targets.append(labels)
     finally:
         model.train(was_training)

@@ -1,0 +1,1 @@
+"""The evaluator: follows published models, evaluates them on held-out data, reports."""

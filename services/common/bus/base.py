@@ -12,7 +12,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Final
+from typing import Final, Self
 
 import structlog
 
@@ -199,7 +199,7 @@ class Bus(ABC):
     def close(self) -> None:
         """Stop consumers after their running handler, then close the connection."""
 
-    def __enter__(self) -> Bus:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(

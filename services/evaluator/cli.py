@@ -1,0 +1,86 @@
+"""`fedmq evaluator`: follow a task's models and evaluate them; flags override `FEDMQ_*`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from services.evaluator.settings import EvaluatorSettings
+
+EXIT_USAGE = 2
+
+# (flag, settings field, type, help)
+_FLAGS: tuple[tuple[str, str, type, str], ...] = (
+    ("--amqp-url", "amqp_url", str, "broker URL (default: FEDMQ_AMQP_URL)"),
+    ("--task-id", "task_id", str, "task to follow (default: FEDMQ_TASK_ID)"),
+    ("--evaluator-id", "evaluator_id", str, "names the follower queue (default: evaluator)"),
+    ("--data-source", "data_source", str, "medmnist:<name> or folder:<path>"),
+    ("--data-dir", "data_dir", Path, "directory holding MedMNIST .npz files"),
+    ("--split", "split", str, "held-out split to evaluate on (default: test)"),
+    ("--every-n-versions", "every_n_versions", int, "evaluate every n-th version (default 1)"),
+    ("--min-interval", "min_interval", float, "at most one evaluation per this many seconds"),
+    ("--log-path", "log_path", Path, "JSONL log (default: runs/<task>/eval.jsonl)"),
+    ("--batch-size", "batch_size", int, "evaluation batch size"),
+    ("--torch-threads", "torch_threads", int, "intra-op threads for torch (default 1)"),
+    ("--join-timeout", "join_timeout", float, "seconds to keep asking to join"),
+    ("--log-level", "log_level", str, "DEBUG, INFO, WARNING, ERROR"),
+)
+_CHOICES: dict[str, tuple[str, ...]] = {"split": ("train", "val", "test")}
+
+
+def register(subcommands: Any) -> None:
+    """Add `fedmq evaluator` to the CLI."""
+    parser = subcommands.add_parser(
+        "evaluator",
+        help="evaluate each published model on held-out data",
+        description=(
+            "Follow a task's published models, evaluate the due ones on a held-out split, "
+            "publish EvalReport events and append them to a JSONL log (resumed on restart)."
+        ),
+    )
+    for flag, field, kind, text in _FLAGS:
+        parser.add_argument(flag, type=kind, help=text, choices=_CHOICES.get(field))
+    parser.set_defaults(func=run)
+
+
+def settings_from_args(args: argparse.Namespace) -> EvaluatorSettings:
+    """Environment settings with the flags that were given laid on top."""
+    overrides = {field: getattr(args, field) for _flag, field, _kind, _help in _FLAGS}
+    return EvaluatorSettings(**{k: v for k, v in overrides.items() if v is not None})
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the evaluator until SIGTERM/SIGINT (the evaluation in progress is finished)."""
+    from services.common.bus import TransportError
+    from services.common.connect import bus_from_settings
+    from services.common.logging import configure_logging
+    from services.common.signals import on_termination
+    from services.common.topology import follower_topology
+    from services.evaluator.service import EvaluatorService
+    from services.trainer.local_round import set_torch_threads
+    from services.trainer.service import EXIT_FAILED
+
+    try:
+        settings = settings_from_args(args)
+    except ValidationError as error:
+        print(f"fedmq evaluator: invalid settings:\n{error}", file=sys.stderr)
+        return EXIT_USAGE
+    configure_logging(level=settings.log_level, json=settings.log_json)
+    set_torch_threads(settings.torch_threads)
+    try:
+        bus = bus_from_settings(
+            settings, topology=follower_topology(settings.task_id, settings.evaluator_id)
+        )
+    except TransportError as error:
+        print(f"fedmq evaluator: cannot reach the broker: {error}", file=sys.stderr)
+        return EXIT_FAILED
+    service = EvaluatorService(settings, bus=bus)
+    on_termination(service.stop)
+    try:
+        return service.run()
+    finally:
+        bus.close()

@@ -1,0 +1,41 @@
+"""Settings of the evaluator: which held-out data, how often to evaluate, where the log goes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, PositiveInt
+
+from services.common.settings import ServiceSettings
+from services.common.training import EVAL_BATCH_SIZE
+from services.trainer.settings import DEFAULT_DATA_SOURCE, DEFAULT_JOIN_TIMEOUT_S
+
+RUNS_DIR = Path("runs")
+EVAL_LOG_NAME = "eval.jsonl"
+
+
+class EvaluatorSettings(ServiceSettings):
+    """Everything the evaluator needs besides the task spec it learns by joining."""
+
+    evaluator_id: str = Field(default="evaluator", pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    """Names its follower queue `fedmq.<task>.follow.<evaluator_id>` and its heartbeats."""
+    data_source: str = DEFAULT_DATA_SOURCE
+    """`medmnist:<name>` or `folder:<path>` holding the held-out images."""
+    data_dir: Path | None = None
+    split: Literal["train", "val", "test"] = "test"
+    every_n_versions: PositiveInt = 1
+    """Evaluate a version only once it is at least this many versions past the last one."""
+    min_interval: float = Field(default=0.0, ge=0.0)
+    """At most one evaluation per this many seconds; the newest model waiting is done next."""
+    log_path: Path | None = None
+    """JSONL file of reports (default: `runs/<task>/eval.jsonl`)."""
+    batch_size: PositiveInt = EVAL_BATCH_SIZE
+    torch_threads: PositiveInt = 1
+    join_timeout: float = Field(default=DEFAULT_JOIN_TIMEOUT_S, gt=0.0)
+    """How long to keep asking to join (and to wait for a lost broker) before giving up."""
+
+    @property
+    def resolved_log_path(self) -> Path:
+        """`log_path`, or `runs/<task>/eval.jsonl` when none was given."""
+        return self.log_path or RUNS_DIR / self.task_id / EVAL_LOG_NAME

@@ -1,0 +1,1 @@
+"""Operator tools for fedmq's security: trainer key pairs (`fedmq keys`)."""

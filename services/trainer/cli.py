@@ -1,0 +1,104 @@
+"""`fedmq trainer`: one site's trainer; flags override `FEDMQ_*` environment settings."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from services.trainer.settings import TrainerSettings
+
+EXIT_USAGE = 2
+
+# (flag, settings field, type, help)
+_FLAGS: tuple[tuple[str, str, type, str], ...] = (
+    ("--amqp-url", "amqp_url", str, "broker URL (default: FEDMQ_AMQP_URL)"),
+    ("--task-id", "task_id", str, "task to join (default: FEDMQ_TASK_ID)"),
+    ("--trainer-id", "trainer_id", str, "this site's id (required; FEDMQ_TRAINER_ID)"),
+    ("--data-source", "data_source", str, "medmnist:<name> or folder:<path>"),
+    ("--data-dir", "data_dir", Path, "directory holding MedMNIST .npz files"),
+    ("--site-index", "site_index", int, "simulation: train on part i of --num-sites"),
+    ("--num-sites", "num_sites", int, "simulation: number of parts the data is split into"),
+    ("--partition", "partition", str, "simulation: iid, dirichlet or shards"),
+    ("--dirichlet-alpha", "dirichlet_alpha", float, "simulation: label skew (small = strong)"),
+    ("--partition-seed", "partition_seed", int, "simulation: same on every site"),
+    ("--seed", "seed", int, "seed of the data order (reproducible updates)"),
+    (
+        "--simulated-slowdown",
+        "simulated_slowdown",
+        float,
+        "SIMULATION AID for straggler experiments: run this many times slower (>= 1)",
+    ),
+    ("--max-updates", "max_updates", int, "leave after sending this many updates"),
+    ("--join-timeout", "join_timeout", float, "seconds to keep asking to join"),
+    ("--torch-threads", "torch_threads", int, "intra-op threads for torch (default 1)"),
+    ("--signing-key-file", "signing_key_file", Path, "Ed25519 private key signing updates"),
+    ("--log-level", "log_level", str, "DEBUG, INFO, WARNING, ERROR"),
+)
+_CHOICES: dict[str, tuple[str, ...]] = {"partition": ("iid", "dirichlet", "shards")}
+
+
+def register(subcommands: Any) -> None:
+    """Add `fedmq trainer` to the CLI."""
+    parser = subcommands.add_parser(
+        "trainer",
+        help="train on this site's data and send updates",
+        description=(
+            "Join a task, train locally from the newest global model, publish each delta. "
+            "SIGTERM/SIGINT: stop after the current batch, announce leaving, exit 0."
+        ),
+    )
+    for flag, field, kind, text in _FLAGS:
+        parser.add_argument(flag, type=kind, help=text, choices=_CHOICES.get(field))
+    parser.set_defaults(func=run)
+
+
+def settings_from_args(args: argparse.Namespace) -> TrainerSettings:
+    """Environment settings with the flags that were given laid on top.
+
+    Raises `pydantic.ValidationError` for a missing trainer id or a value out of range.
+    """
+    overrides = {field: getattr(args, field) for _flag, field, _kind, _help in _FLAGS}
+    return TrainerSettings(**{k: v for k, v in overrides.items() if v is not None})
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the trainer until it is stopped or has sent `--max-updates` updates."""
+    from services.common.bus import TransportError
+    from services.common.connect import bus_from_settings
+    from services.common.logging import configure_logging
+    from services.common.signals import on_termination
+    from services.common.topology import follower_topology
+    from services.trainer.local_round import set_torch_threads
+    from services.trainer.service import EXIT_FAILED, TrainerService
+
+    try:
+        settings = settings_from_args(args)
+    except ValidationError as error:
+        print(f"fedmq trainer: invalid settings:\n{error}", file=sys.stderr)
+        return EXIT_USAGE
+    configure_logging(level=settings.log_level, json=settings.log_json)
+    set_torch_threads(settings.torch_threads)
+    if settings.simulated_slowdown > 1.0:
+        import structlog
+
+        structlog.get_logger(__name__).warning(
+            "SIMULATION AID active: training is slowed down on purpose",
+            simulated_slowdown=settings.simulated_slowdown,
+        )
+    try:
+        bus = bus_from_settings(
+            settings, topology=follower_topology(settings.task_id, settings.trainer_id)
+        )
+    except TransportError as error:
+        print(f"fedmq trainer: cannot reach the broker: {error}", file=sys.stderr)
+        return EXIT_FAILED
+    service = TrainerService(settings, bus=bus)
+    on_termination(service.stop)
+    try:
+        return service.run()
+    finally:
+        bus.close()
