@@ -36,6 +36,10 @@ checkpoint, so this bounds memory without weakening exactly-once application.
 """
 
 
+MIN_BATCHNORM_VARIANCE = 1e-5
+"""BatchNorm running variances are kept at least this large (BatchNorm's own epsilon)."""
+
+
 @dataclass(frozen=True)
 class Outcome:
     """What one update did: buffered, stepped the model, or was a known redelivery."""
@@ -79,6 +83,9 @@ class AggregatorCore:
         self._staleness_count = 0
         float_entries = [e for e in layout.entries if e.is_float]
         self._delta_layout = ParamLayout(float_entries, bn_prefixes=layout.bn_prefixes)
+        self._variances = [
+            region for name, region in layout.slices.items() if name.endswith(".running_var")
+        ]
         fedbn = task.spec.fedbn
         self._mask = layout.aggregation_mask(fedbn=True) if fedbn else None
 
@@ -220,6 +227,10 @@ class AggregatorCore:
             )
 
     def _apply(self, step: StepResult) -> None:
+        for region in self._variances:
+            # Stale deltas of BatchNorm variances can overshoot below zero; a negative
+            # variance makes every prediction NaN.
+            np.maximum(step.weights[region], MIN_BATCHNORM_VARIANCE, out=step.weights[region])
         self.weights = step.weights
         self.version += 1
         self.updates_applied += len(step.applied)

@@ -206,3 +206,23 @@ def test_the_store_keeps_only_the_newest_checkpoints_and_skips_an_unreadable_one
     (tmp_path / names[-1]).write_bytes(b"torn write")
     saved = store.latest()
     assert saved is not None and saved.version == 3
+
+
+def test_batchnorm_variances_never_go_below_a_small_positive_floor() -> None:
+    layout = ParamLayout.from_entries(
+        [("bn.running_var", "float32", (2,)), ("w", "float32", (1,))], bn_prefixes={"bn"}
+    )
+    task = _task()
+    core = AggregatorCore(
+        task=task, layout=layout, weights=np.array([0.1, 0.1, 0.0], np.float32), integers={},
+        strategy=build_strategy(task.strategy),
+    )
+    update = ModelUpdate(
+        task_id="t", trainer_id="a", base_version=0, num_examples=1,
+        delta=(
+            Tensor.from_numpy("bn.running_var", np.array([-1.0, 0.2], np.float32)),
+            Tensor.from_numpy("w", np.array([-4.0], np.float32)),
+        ),
+    )
+    core.submit(update, redelivered=False, now=0.0)
+    np.testing.assert_allclose(core.weights, [1e-5, 0.2, -2.0], rtol=1e-6)
