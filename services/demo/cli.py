@@ -33,7 +33,10 @@ def register(subcommands: Any) -> None:
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--no-live", action="store_true", help="print lines instead of a live view")
     demo.add_argument(
-        "--aggregator-flag", action="append", default=[], metavar="FLAG",
+        "--aggregator-flag",
+        action="append",
+        default=[],
+        metavar="FLAG",
         help="extra `fedmq aggregator` flag, e.g. --aggregator-flag=--buffer-size=3",
     )
     demo.set_defaults(func=run_demo)

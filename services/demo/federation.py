@@ -72,21 +72,28 @@ class Federation:
         """The evaluator's JSONL log."""
         return self.plan.run_dir / "eval.jsonl"
 
-    def start(self) -> None:
-        """Start the aggregator, the evaluator, then every trainer."""
+    def start(self, *, trainers: int | None = None) -> None:
+        """Start the aggregator, the evaluator, then the first `trainers` sites (default all)."""
         plan = self.plan
         self._spawn(
             "aggregator",
             [
-                "aggregator", "--task-id", plan.task_id, "--model", plan.model,
-                "--strategy", plan.strategy, "--seed", str(plan.seed),
-                "--checkpoint-dir", str(plan.run_dir / "checkpoints"), *plan.aggregator_flags,
+                "aggregator",
+                "--task-id",
+                plan.task_id,
+                "--model",
+                plan.model,
+                "--strategy",
+                plan.strategy,
+                "--seed",
+                str(plan.seed),
+                "--checkpoint-dir",
+                str(plan.run_dir / "checkpoints"),
+                *plan.aggregator_flags,
             ],
         )
-        self._spawn(
-            "evaluator", ["evaluator"], {"FEDMQ_LOG_PATH": str(self.eval_log)}
-        )
-        for index in range(plan.trainers):
+        self._spawn("evaluator", ["evaluator"], {"FEDMQ_LOG_PATH": str(self.eval_log)})
+        for index in range(plan.trainers if trainers is None else trainers):
             self.add_trainer(index)
 
     def add_trainer(self, index: int) -> None:
@@ -103,6 +110,14 @@ class Federation:
             "FEDMQ_SIMULATED_SLOWDOWN": str(plan.slowdown(index)),
         }
         self._spawn(plan.trainer_id(index), ["trainer"], env)
+
+    def stop_trainer(self, index: int) -> int:
+        """SIGTERM one site and wait for it to leave; return its exit code."""
+        (child,) = self._named(self.plan.trainer_id(index))
+        child.process.send_signal(signal.SIGTERM)
+        code = _wait(child)
+        self._children.remove(child)
+        return code
 
     def alive(self) -> dict[str, bool]:
         """Which processes still run, by name."""

@@ -99,9 +99,14 @@ def _run(options: DemoOptions, bus: object, console: Console, data_file: Path) -
             strategy=options.strategy,
             model=options.model,
             started_at=status.started_at,
-            config={"trainers": options.trainers, "partition": options.partition,
-                    "dirichlet_alpha": options.dirichlet_alpha, "stragglers": options.stragglers,
-                    "duration": options.duration, "task_id": options.task_id},
+            config={
+                "trainers": options.trainers,
+                "partition": options.partition,
+                "dirichlet_alpha": options.dirichlet_alpha,
+                "stragglers": options.stragglers,
+                "duration": options.duration,
+                "task_id": options.task_id,
+            },
         ),
     )
     console.print(

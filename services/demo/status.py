@@ -33,6 +33,9 @@ class FederationStatus:
     """Trainer id -> its last known state (training, waiting, left, ...)."""
     evaluations: list[EvalReport] = field(default_factory=list)
     rejections: Counter[str] = field(default_factory=Counter)
+    updates_sent: dict[str, int] = field(default_factory=dict)
+    """Trainer id -> updates it says it sent (from its heartbeats)."""
+    rejected_by_trainer: Counter[str] = field(default_factory=Counter)
 
     @property
     def latest_eval(self) -> EvalReport | None:
@@ -64,10 +67,17 @@ class FederationStatus:
             self.trainers[message.trainer_id] = "joined"
         elif isinstance(message, TrainerLeft):
             self.trainers[message.trainer_id] = "left"
+            sent = max(self.updates_sent.get(message.trainer_id, 0), message.updates_sent)
+            self.updates_sent[message.trainer_id] = sent
         elif isinstance(message, Heartbeat) and message.role == "trainer":
-            self.trainers[message.sender_id] = message.state
+            if self.trainers.get(message.sender_id) != "left":
+                self.trainers[message.sender_id] = message.state
+            sent = max(self.updates_sent.get(message.sender_id, 0), message.updates_sent)
+            self.updates_sent[message.sender_id] = sent
         elif isinstance(message, Rejection):
             self.rejections[message.reason] += 1
+            if message.trainer_id is not None:
+                self.rejected_by_trainer[message.trainer_id] += 1
 
     def table(self) -> Table:
         """A one-glance table of the federation, for a live terminal view."""

@@ -40,9 +40,20 @@ def bus(task_id: str) -> Iterator[Bus]:
 def _start_aggregator(task_id: str, tmp_path: Path, *extra: str) -> ServiceProcess:
     return ServiceProcess(
         [
-            "aggregator", "--task-id", task_id, "--checkpoint-dir", str(tmp_path / "ckpt"),
-            "--model", "cnn-small", "--strategy", "fedasync", "--alpha", str(ALPHA),
-            "--staleness", "constant", *extra,
+            "aggregator",
+            "--task-id",
+            task_id,
+            "--checkpoint-dir",
+            str(tmp_path / "ckpt"),
+            "--model",
+            "cnn-small",
+            "--strategy",
+            "fedasync",
+            "--alpha",
+            str(ALPHA),
+            "--staleness",
+            "constant",
+            *extra,
         ],
         log_path=tmp_path / "aggregator.log",
     )
@@ -93,23 +104,31 @@ def test_bad_updates_land_in_the_dead_letter_queue_with_their_reason(
     model = probe.join().model
     headers = {SCHEMA_HEADER: SCHEMA_VERSION}
     nan_delta = [
-        {"name": t.name, "dtype": "float32", "shape": list(t.shape),
-         "data": np.full(t.shape, math.nan, np.float32).tobytes()}
-        for t in model.tensors if t.dtype == "float32"
+        {
+            "name": t.name,
+            "dtype": "float32",
+            "shape": list(t.shape),
+            "data": np.full(t.shape, math.nan, np.float32).tobytes(),
+        }
+        for t in model.tensors
+        if t.dtype == "float32"
     ]
     first = model.tensors[0]
     wrong_shape = [{"name": first.name, "dtype": "float32", "shape": [3], "data": b"\0" * 12}]
     duplicate = probe.update(model, 0.01)
     sent = {
         probe.publish_raw(b"\xc1garbage", headers=headers): "not-msgpack",
-        probe.publish_raw(_raw_update(probe, model, delta=nan_delta), headers=headers):
-            "non-finite",
-        probe.publish_raw(_raw_update(probe, model, delta=wrong_shape), headers=headers):
-            "shape-mismatch",
+        probe.publish_raw(
+            _raw_update(probe, model, delta=nan_delta), headers=headers
+        ): "non-finite",
+        probe.publish_raw(
+            _raw_update(probe, model, delta=wrong_shape), headers=headers
+        ): "shape-mismatch",
         probe.publish(probe.update(model, 0.1, task_id="elsewhere")): "unknown-task",
         probe.publish(probe.update(model, 0.1, base_version=99)): "future-version",
-        probe.publish_raw(encode(duplicate), content_type="text/plain", headers=headers):
-            "content-type",
+        probe.publish_raw(
+            encode(duplicate), content_type="text/plain", headers=headers
+        ): "content-type",
     }
     probe.publish(duplicate)
     sent[probe.publish(duplicate)] = "duplicate"
@@ -135,23 +154,23 @@ def test_an_aggregator_killed_mid_stream_applies_every_update_exactly_once(
     bus: Bus, task_id: str, tmp_path: Path
 ) -> None:
     # Given 40 distinct updates already confirmed into the durable updates queue
-    first = _start_aggregator(task_id, tmp_path)
-    probe = FederationProbe(bus, task_id, "site-c")
-    start = probe.join().model
-    fills = [0.001 * (i + 1) for i in range(40)]
-    for fill in fills:
-        probe.publish(probe.update(start, fill, base_version=0))
-    # When the aggregator is SIGKILLed twice in the middle of the stream and restarted
-    probe.newest_model(min_version=8, timeout=60)
-    first.kill()
-    second = _start_aggregator(task_id, tmp_path)
-    probe.newest_model(min_version=20, timeout=60)
-    second.kill()
-    third = _start_aggregator(task_id, tmp_path)
+    processes = [_start_aggregator(task_id, tmp_path)]
     try:
-        final = probe.newest_model(min_version=40, timeout=120)
+        probe = FederationProbe(bus, task_id, "site-c")
+        start = probe.join().model
+        fills = [0.001 * (i + 1) for i in range(40)]
+        for fill in fills:
+            probe.publish(probe.update(start, fill, base_version=0))
+        # When the aggregator is SIGKILLed twice in the middle of the stream and restarted
+        for reached in (8, 20):
+            probe.newest_model(min_version=reached, timeout=90)
+            processes[-1].kill()
+            processes.append(_start_aggregator(task_id, tmp_path))
+        final = probe.newest_model(min_version=40, timeout=180)
     finally:
-        assert third.terminate() == 0, third.output()[-3000:]
+        for process in processes:
+            if process.alive():
+                assert process.terminate() == 0, process.output()[-3000:]
     # Then versions never went backwards, and every update was applied exactly once
     assert probe.versions_seen == sorted(probe.versions_seen)
     assert final.version == 40

@@ -9,10 +9,18 @@ from dataclasses import dataclass
 import numpy as np
 import pika
 
-from schemas import CONTENT_TYPE, GlobalModel, JoinAccepted, JoinRequest, ModelUpdate, Rejection, Tensor
+from schemas import (
+    CONTENT_TYPE,
+    GlobalModel,
+    JoinAccepted,
+    JoinRequest,
+    ModelUpdate,
+    Rejection,
+    Tensor,
+)
 from services.common.bus import Bus
-from services.common.settings import DEFAULT_AMQP_URL
 from services.common.messaging import call_message, decode_delivery, publish_message
+from services.common.settings import DEFAULT_AMQP_URL
 from services.common.topology import (
     CONTROL_EXCHANGE,
     DEAD_LETTER_EXCHANGE,
@@ -62,7 +70,7 @@ class FederationProbe:
         )
         bus.declare(follower_topology(task_id, trainer_id).merge(Topology(queues=(tap,))))
 
-    def join(self, *, timeout: float = 30.0) -> JoinAccepted:
+    def join(self, *, timeout: float = 120.0) -> JoinAccepted:
         """Join by RPC, retrying while no aggregator answers yet."""
         request = JoinRequest(task_id=self.task_id, trainer_id=self.trainer_id, num_examples=100)
         deadline = time.monotonic() + timeout

@@ -14,5 +14,5 @@ def test_the_codec_benchmark_reports_rates_next_to_memcpy() -> None:
     for key in ("encode_mib_s", "decode_mib_s", "memcpy_mib_s"):
         assert row[key] > 0
     assert row["message_mib"] > 0
-    assert 0 < row["encode_vs_memcpy"] and 0 < row["decode_vs_memcpy"]
+    assert row["encode_vs_memcpy"] > 0 and row["decode_vs_memcpy"] > 0
     assert len(report["results_with_default_malloc"]) == 1
