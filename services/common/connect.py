@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
-from services.common.bus import Bus
+from services.common.bus import Bus, NotFound
 from services.common.settings import ServiceSettings
-from services.common.topology import Topology
+from services.common.topology import Topology, own_follower_topology
+
+FOLLOWER_DECLARE_RETRY_S = 2.0
+"""How often a follower retries while the models exchange does not exist yet."""
 
 
 def bus_from_settings(settings: ServiceSettings, *, topology: Topology | None = None) -> Bus:
@@ -26,3 +30,21 @@ def bus_from_settings(settings: ServiceSettings, *, topology: Topology | None = 
 
 def _text(path: Path | None) -> str | None:
     return None if path is None else str(path)
+
+
+def declare_follower(
+    bus: Bus, task_id: str, follower_id: str, *, stop: threading.Event | None = None
+) -> bool:
+    """Declare this follower's queue, waiting while no aggregator has created the exchanges.
+
+    Returns False when `stop` was set before the queue could be declared.
+    """
+    stop = stop or threading.Event()
+    while not stop.is_set():
+        try:
+            bus.declare(own_follower_topology(task_id, follower_id))
+        except NotFound:
+            stop.wait(FOLLOWER_DECLARE_RETRY_S)
+            continue
+        return True
+    return False

@@ -264,6 +264,15 @@ def follower_queue(task_id: str, follower_id: str) -> QueueSpec:
     )
 
 
+def own_follower_topology(task_id: str, follower_id: str) -> Topology:
+    """Only the follower queue: what a least-privilege trainer or evaluator may declare.
+
+    Exchanges belong to the operator (definitions.json) or the aggregator; a trainer's
+    broker user has no `configure` permission on them.
+    """
+    return Topology(queues=(follower_queue(task_id, follower_id),))
+
+
 def follower_topology(task_id: str, follower_id: str) -> Topology:
     """The shared topology plus one follower queue, what a trainer or evaluator declares."""
     return shared_topology().merge(Topology(queues=(follower_queue(task_id, follower_id),)))

@@ -59,7 +59,6 @@ def run(args: argparse.Namespace) -> int:
     from services.common.connect import bus_from_settings
     from services.common.logging import configure_logging
     from services.common.signals import on_termination
-    from services.common.topology import follower_topology
     from services.evaluator.service import EvaluatorService
     from services.trainer.local_round import set_torch_threads
     from services.trainer.service import EXIT_FAILED
@@ -72,9 +71,7 @@ def run(args: argparse.Namespace) -> int:
     configure_logging(level=settings.log_level, json=settings.log_json)
     set_torch_threads(settings.torch_threads)
     try:
-        bus = bus_from_settings(
-            settings, topology=follower_topology(settings.task_id, settings.evaluator_id)
-        )
+        bus = bus_from_settings(settings)
     except TransportError as error:
         print(f"fedmq evaluator: cannot reach the broker: {error}", file=sys.stderr)
         return EXIT_FAILED

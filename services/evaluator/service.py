@@ -17,6 +17,7 @@ import structlog
 
 from schemas import EvalReport, GlobalModel, JoinRequest, TaskSpec
 from services.common.bus import Bus, ConnectionLost, TransportError
+from services.common.connect import declare_follower
 from services.common.data import DatasetError, ImageDataset, load_site_dataset
 from services.common.messaging import publish_message
 from services.common.models import UnknownModel
@@ -24,7 +25,6 @@ from services.common.topology import (
     EVENTS_EXCHANGE,
     event_key,
     follower_queue_name,
-    follower_topology,
 )
 from services.common.training import EvalResult, evaluate
 from services.evaluator.eval_log import EvalLog
@@ -129,7 +129,8 @@ class EvaluatorService:
         return EXIT_OK
 
     def _run(self) -> None:
-        self._bus.declare(follower_topology(self._task, self._who))
+        if not declare_follower(self._bus, self._task, self._who, stop=self._stop):
+            return
         self._schedule.last_version = self._eval_log.last_version()
         if self._schedule.last_version is not None:
             self._log.info("resuming after the logged versions", last=self._schedule.last_version)

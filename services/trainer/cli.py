@@ -71,7 +71,6 @@ def run(args: argparse.Namespace) -> int:
     from services.common.connect import bus_from_settings
     from services.common.logging import configure_logging
     from services.common.signals import on_termination
-    from services.common.topology import follower_topology
     from services.trainer.local_round import set_torch_threads
     from services.trainer.service import EXIT_FAILED, TrainerService
 
@@ -90,9 +89,7 @@ def run(args: argparse.Namespace) -> int:
             simulated_slowdown=settings.simulated_slowdown,
         )
     try:
-        bus = bus_from_settings(
-            settings, topology=follower_topology(settings.task_id, settings.trainer_id)
-        )
+        bus = bus_from_settings(settings)
     except TransportError as error:
         print(f"fedmq trainer: cannot reach the broker: {error}", file=sys.stderr)
         return EXIT_FAILED

@@ -19,6 +19,7 @@ import structlog
 
 from schemas import GlobalModel, JoinAccepted, JoinRequest, ModelUpdate, TaskSpec, TrainerLeft
 from services.common.bus import Bus, ConnectionLost, PublishRefused, TransportError, Unroutable
+from services.common.connect import declare_follower
 from services.common.data import DatasetError, ImageDataset
 from services.common.messaging import publish_message
 from services.common.models import UnknownModel
@@ -28,7 +29,6 @@ from services.common.topology import (
     UPDATES_EXCHANGE,
     event_key,
     follower_queue_name,
-    follower_topology,
     update_key,
 )
 from services.common.training import TrainResult
@@ -157,7 +157,8 @@ class TrainerService:
 
     def _run(self) -> None:
         self._sign = update_signer(self._settings.signing_key_file)
-        self._bus.declare(follower_topology(self._task, self._trainer))
+        if not declare_follower(self._bus, self._task, self._trainer, stop=self._stop):
+            raise _Stopped
         dataset = self._dataset if self._dataset is not None else load_training_data(self._settings)
         if len(dataset) == 0:
             raise DatasetError(f"site {self._trainer!r} has no training examples")
