@@ -128,7 +128,9 @@ def _run(options: DemoOptions, bus: object, console: Console, data_file: Path) -
     console.print(_summary(status, codes))
     report_dir = _write_report(options.run_dir, console)
     console.print(f"run directory: {options.run_dir}  report: {report_dir}")
-    return 130 if interrupted else 0
+    if interrupted:
+        return 130
+    return 0 if all(code == 0 for code in codes.values()) else 1
 
 
 def _watch(
