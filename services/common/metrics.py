@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, start_http_server
+from collections.abc import Callable, Mapping
+
+from prometheus_client import CollectorRegistry, Gauge, start_http_server
 
 
 def serve_metrics(registry: CollectorRegistry, port: int | None) -> int | None:
@@ -11,3 +13,11 @@ def serve_metrics(registry: CollectorRegistry, port: int | None) -> int | None:
         return None
     server, _thread = start_http_server(port, registry=registry)
     return int(server.server_port)
+
+
+def gauge_registry(readings: Mapping[str, tuple[str, Callable[[], float]]]) -> CollectorRegistry:
+    """A registry of gauges read on every scrape: `{name: (help, read)}`."""
+    registry = CollectorRegistry()
+    for name, (description, read) in readings.items():
+        Gauge(name, description, registry=registry).set_function(read)
+    return registry

@@ -58,6 +58,7 @@ def run(args: argparse.Namespace) -> int:
     from services.common.bus import TransportError
     from services.common.connect import bus_from_settings
     from services.common.logging import configure_logging
+    from services.common.metrics import gauge_registry, serve_metrics
     from services.common.signals import on_termination
     from services.evaluator.service import EvaluatorService
     from services.trainer.local_round import set_torch_threads
@@ -76,6 +77,22 @@ def run(args: argparse.Namespace) -> int:
         print(f"fedmq evaluator: cannot reach the broker: {error}", file=sys.stderr)
         return EXIT_FAILED
     service = EvaluatorService(settings, bus=bus)
+
+    def last(metric: str) -> float:
+        report = service.last_report
+        value = None if report is None else getattr(report, metric)
+        return float("nan") if value is None else float(value)
+
+    readings = {
+        "fedmq_eval_reports": ("Evaluation reports written", lambda: service.reports_written),
+        "fedmq_eval_accuracy": (
+            "Accuracy of the newest evaluated version",
+            lambda: last("accuracy"),
+        ),
+        "fedmq_eval_auc": ("ROC AUC of the newest evaluated version", lambda: last("auc")),
+        "fedmq_eval_version": ("Newest evaluated model version", lambda: last("version")),
+    }
+    serve_metrics(gauge_registry(readings), settings.metrics_port)
     on_termination(service.stop)
     try:
         return service.run()

@@ -104,6 +104,7 @@ class EvaluatorService:
         self._heartbeat: HeartbeatSender | None = None
         self._pending: GlobalModel | None = None
         self.reports_written = 0
+        self.last_report: EvalReport | None = None
 
     def stop(self) -> None:
         """Stop after the evaluation in progress (safe from a signal handler)."""
@@ -230,6 +231,7 @@ class EvaluatorService:
             return
         self._eval_log.append(report)
         self.reports_written += 1
+        self.last_report = report
         log.info("evaluated", loss=report.loss, accuracy=report.accuracy, auc=report.auc)
         self._publish(report)
 

@@ -70,6 +70,7 @@ def run(args: argparse.Namespace) -> int:
     from services.common.bus import TransportError
     from services.common.connect import bus_from_settings
     from services.common.logging import configure_logging
+    from services.common.metrics import gauge_registry, serve_metrics
     from services.common.signals import on_termination
     from services.trainer.local_round import set_torch_threads
     from services.trainer.service import EXIT_FAILED, TrainerService
@@ -94,6 +95,13 @@ def run(args: argparse.Namespace) -> int:
         print(f"fedmq trainer: cannot reach the broker: {error}", file=sys.stderr)
         return EXIT_FAILED
     service = TrainerService(settings, bus=bus)
+    readings = {
+        "fedmq_trainer_updates_sent": (
+            "Updates the broker confirmed",
+            lambda: service.updates_sent,
+        ),
+    }
+    serve_metrics(gauge_registry(readings), settings.metrics_port)
     on_termination(service.stop)
     try:
         return service.run()
