@@ -624,6 +624,8 @@ class PikaBus(Bus):
     def _rpc_channel(self) -> Any:
         if self._rpc is None or not self._rpc.is_open:
             channel = self._open_confirm_channel()
+            # RabbitMQ's direct reply-to only works in no-ack mode; a lost reply is a
+            # caller's RpcTimeout and its retry, never a lost update.
             channel.basic_consume(DIRECT_REPLY_TO, self._on_rpc_reply, auto_ack=True)
             self._rpc = channel
         return self._rpc
