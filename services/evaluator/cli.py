@@ -9,25 +9,20 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from services.common.cli_flags import COMMON_FLAGS, SettingFlag, add_setting_flags, given_settings
 from services.evaluator.settings import EvaluatorSettings
 
 EXIT_USAGE = 2
 
-# (flag, settings field, type, help)
-_FLAGS: tuple[tuple[str, str, type, str], ...] = (
-    ("--amqp-url", "amqp_url", str, "broker URL (default: FEDMQ_AMQP_URL)"),
+_FLAGS: tuple[SettingFlag, ...] = (
+    *COMMON_FLAGS,
     ("--task-id", "task_id", str, "task to follow (default: FEDMQ_TASK_ID)"),
     ("--evaluator-id", "evaluator_id", str, "names the follower queue (default: evaluator)"),
-    ("--data-source", "data_source", str, "medmnist:<name> or folder:<path>"),
-    ("--data-dir", "data_dir", Path, "directory holding MedMNIST .npz files"),
     ("--split", "split", str, "held-out split to evaluate on (default: test)"),
     ("--every-n-versions", "every_n_versions", int, "evaluate every n-th version (default 1)"),
     ("--min-interval", "min_interval", float, "at most one evaluation per this many seconds"),
     ("--log-path", "log_path", Path, "JSONL log (default: runs/<task>/eval.jsonl)"),
     ("--batch-size", "batch_size", int, "evaluation batch size"),
-    ("--torch-threads", "torch_threads", int, "intra-op threads for torch (default 1)"),
-    ("--join-timeout", "join_timeout", float, "seconds to keep asking to join"),
-    ("--log-level", "log_level", str, "DEBUG, INFO, WARNING, ERROR"),
 )
 _CHOICES: dict[str, tuple[str, ...]] = {"split": ("train", "val", "test")}
 
@@ -42,15 +37,13 @@ def register(subcommands: Any) -> None:
             "publish EvalReport events and append them to a JSONL log (resumed on restart)."
         ),
     )
-    for flag, field, kind, text in _FLAGS:
-        parser.add_argument(flag, type=kind, help=text, choices=_CHOICES.get(field))
+    add_setting_flags(parser, _FLAGS, choices=_CHOICES)
     parser.set_defaults(func=run)
 
 
 def settings_from_args(args: argparse.Namespace) -> EvaluatorSettings:
     """Environment settings with the flags that were given laid on top."""
-    overrides = {field: getattr(args, field) for _flag, field, _kind, _help in _FLAGS}
-    return EvaluatorSettings(**{k: v for k, v in overrides.items() if v is not None})
+    return EvaluatorSettings(**given_settings(args, _FLAGS))
 
 
 def run(args: argparse.Namespace) -> int:

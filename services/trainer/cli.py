@@ -9,17 +9,15 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from services.common.cli_flags import COMMON_FLAGS, SettingFlag, add_setting_flags, given_settings
 from services.trainer.settings import TrainerSettings
 
 EXIT_USAGE = 2
 
-# (flag, settings field, type, help)
-_FLAGS: tuple[tuple[str, str, type, str], ...] = (
-    ("--amqp-url", "amqp_url", str, "broker URL (default: FEDMQ_AMQP_URL)"),
+_FLAGS: tuple[SettingFlag, ...] = (
+    *COMMON_FLAGS,
     ("--task-id", "task_id", str, "task to join (default: FEDMQ_TASK_ID)"),
     ("--trainer-id", "trainer_id", str, "this site's id (required; FEDMQ_TRAINER_ID)"),
-    ("--data-source", "data_source", str, "medmnist:<name> or folder:<path>"),
-    ("--data-dir", "data_dir", Path, "directory holding MedMNIST .npz files"),
     ("--site-index", "site_index", int, "simulation: train on part i of --num-sites"),
     ("--num-sites", "num_sites", int, "simulation: number of parts the data is split into"),
     ("--partition", "partition", str, "simulation: iid, dirichlet or shards"),
@@ -33,10 +31,7 @@ _FLAGS: tuple[tuple[str, str, type, str], ...] = (
         "SIMULATION AID for straggler experiments: run this many times slower (>= 1)",
     ),
     ("--max-updates", "max_updates", int, "leave after sending this many updates"),
-    ("--join-timeout", "join_timeout", float, "seconds to keep asking to join"),
-    ("--torch-threads", "torch_threads", int, "intra-op threads for torch (default 1)"),
     ("--signing-key-file", "signing_key_file", Path, "Ed25519 private key signing updates"),
-    ("--log-level", "log_level", str, "DEBUG, INFO, WARNING, ERROR"),
 )
 _CHOICES: dict[str, tuple[str, ...]] = {"partition": ("iid", "dirichlet", "shards")}
 
@@ -51,8 +46,7 @@ def register(subcommands: Any) -> None:
             "SIGTERM/SIGINT: stop after the current batch, announce leaving, exit 0."
         ),
     )
-    for flag, field, kind, text in _FLAGS:
-        parser.add_argument(flag, type=kind, help=text, choices=_CHOICES.get(field))
+    add_setting_flags(parser, _FLAGS, choices=_CHOICES)
     parser.set_defaults(func=run)
 
 
@@ -61,8 +55,7 @@ def settings_from_args(args: argparse.Namespace) -> TrainerSettings:
 
     Raises `pydantic.ValidationError` for a missing trainer id or a value out of range.
     """
-    overrides = {field: getattr(args, field) for _flag, field, _kind, _help in _FLAGS}
-    return TrainerSettings(**{k: v for k, v in overrides.items() if v is not None})
+    return TrainerSettings(**given_settings(args, _FLAGS))
 
 
 def run(args: argparse.Namespace) -> int:
