@@ -15,6 +15,8 @@ import pika
 import pika.exceptions
 import pytest
 
+from tests.support.private_broker import PrivateBroker, rabbitmq_installed, running_private_broker
+
 AMQP_URL_ENV: Final = "FEDMQ_TEST_AMQP_URL"
 DEFAULT_TEST_AMQP_URL: Final = "amqp://guest:guest@127.0.0.1:5672/%2F"
 BROKER_PROBE_TIMEOUT_S: Final = 5.0
@@ -116,3 +118,15 @@ def broker_names(amqp_url: str) -> Iterator[BrokerNames]:
     yield names
     if broker_available(amqp_url):
         names.cleanup(amqp_url)
+
+
+@pytest.fixture
+def private_broker() -> Iterator[PrivateBroker]:
+    """A RabbitMQ node of this test's own (free to stop, restart or reconfigure), removed after."""
+    if not rabbitmq_installed():
+        message = "rabbitmq-server is not installed: a private broker node cannot be started"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    with running_private_broker() as broker:
+        yield broker
