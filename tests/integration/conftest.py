@@ -17,6 +17,7 @@ import pytest
 
 from services.common.bus.pika_bus import PikaBus, ReconnectPolicy
 from tests.conftest import BrokerNames
+from tests.support.tls_broker import TlsBroker, require_rabbitmq_installed, running_tls_broker
 
 FAST_RECONNECT: Final = ReconnectPolicy(initial_delay_s=0.2, max_delay_s=1.0, max_attempts=120)
 """Tests restart the broker and should not wait out production back-off delays."""
@@ -131,3 +132,22 @@ def make_broker_user(amqp_url: str) -> Iterator[Callable[..., BrokerUser]]:
     yield make
     for name in created:
         rabbitmqctl("delete_user", name)
+
+
+@pytest.fixture(scope="module")
+def tls_broker() -> Iterator[TlsBroker]:
+    """A private node with a TLS listener that verifies client certificates when presented.
+
+    Shared by the tests of one module (a node takes seconds to start), stopped after them.
+    """
+    require_rabbitmq_installed()
+    with running_tls_broker(require_client_cert=False) as broker:
+        yield broker
+
+
+@pytest.fixture(scope="module")
+def mutual_tls_broker() -> Iterator[TlsBroker]:
+    """A private node whose TLS listener refuses clients without a certificate from its CA."""
+    require_rabbitmq_installed()
+    with running_tls_broker(require_client_cert=True) as broker:
+        yield broker

@@ -185,9 +185,18 @@ class PrivateBroker:
 
 
 @contextmanager
-def running_private_broker(config_lines: Sequence[str] = ()) -> Iterator[PrivateBroker]:
-    """A started private node, stopped (whatever state the test left it in) and removed on exit."""
-    broker = PrivateBroker(config_lines=config_lines)
+def running_private_broker(
+    config_lines: Sequence[str] = (), *, directory: Path | None = None
+) -> Iterator[PrivateBroker]:
+    """A started private node, stopped (whatever state the test left it in) and removed on exit.
+
+    `directory` (default: a fresh one in /tmp) may already hold files the node must read,
+    such as TLS certificates named in `config_lines`; it is removed on exit too.
+    """
+    if directory is None:
+        broker = PrivateBroker(config_lines=config_lines)
+    else:
+        broker = PrivateBroker(directory=directory, config_lines=config_lines)
     broker.write_config()
     broker.start()
     try:

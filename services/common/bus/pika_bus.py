@@ -15,6 +15,7 @@ import functools
 import ipaddress
 import os
 import random
+import re
 import socket
 import ssl
 import threading
@@ -207,6 +208,7 @@ class PikaBus(Bus):
         self._closed = False
         self._failure: TransportError | None = None
         self._connects = 0
+        self._last_connect_error = ""
         self._first_connect: Future[None] = Future()
         # Owned by the I/O thread (written there only):
         self._conn: Any = None
@@ -464,8 +466,9 @@ class PikaBus(Bus):
             self._first_connect.result(timeout)
         except TimeoutError:
             self.close()
+            last = f" (last error: {self._last_connect_error})" if self._last_connect_error else ""
             raise ConnectionLost(
-                f"could not connect to the broker at {self._where} within {timeout:.0f}s"
+                f"could not connect to the broker at {self._where} within {timeout:.0f}s{last}"
             ) from None
         except TransportError:
             self.close()
@@ -501,6 +504,7 @@ class PikaBus(Bus):
                 log.error("broker refused the reconnection", broker=self._where, error=str(exc))
             return False
         except ConnectionLost as exc:
+            self._last_connect_error = str(exc)
             log.warning("broker unreachable", broker=self._where, error=str(exc))
             return False
         except Exception:
@@ -1129,18 +1133,63 @@ def open_connection(params: Any, where: str) -> Any:
         tls = _find_ssl_error(exc)
         if tls is not None:
             raise tls_error(tls, where) from exc
+        if params.ssl_options is not None:
+            refused = tls_alert_error(exc, where)
+            if refused is not None:
+                raise refused from exc
+            if _TLS_EOF in str(exc):
+                raise ConnectionLost(
+                    f"the broker at {where} closed the TLS connection before AMQP started: "
+                    "if it requires client certificates, set cert_file and key_file "
+                    "(FEDMQ_CERT_FILE, FEDMQ_KEY_FILE)"
+                ) from exc
         raise ConnectionLost(f"could not connect to the broker at {where}: {exc!r}") from exc
+
+
+_HOST_MISMATCH_CODES: Final = frozenset({62, 64})
+"""OpenSSL's X509_V_ERR_HOSTNAME_MISMATCH and X509_V_ERR_IP_ADDRESS_MISMATCH."""
+_TLS_ALERT: Final = re.compile(
+    r"\[SSL: (?:SSLV3|TLSV1|TLSV13)_ALERT_(?P<code>[A-Z_]+)\] (?P<text>[a-z0-9 ]+)"
+)
+"""A TLS alert the broker sent, as pika reports it: only as text inside its own error."""
+_TLS_EOF: Final = "SSLEOFError"
 
 
 def tls_error(exc: ssl.SSLError, where: str) -> TlsError:
     """A `TlsError` whose message says what to check."""
     if isinstance(exc, ssl.SSLCertVerificationError):
+        if exc.verify_code in _HOST_MISMATCH_CODES:
+            return TlsError(
+                f"the TLS certificate of the broker at {where} does not name the host in the "
+                f"URL ({exc.verify_message}): connect with a host name the certificate lists"
+            )
         return TlsError(
             f"the TLS certificate of the broker at {where} could not be verified "
-            f"({exc.verify_message}): check that ca_file holds the CA that signed it and "
-            "that the URL's host name is one the certificate names"
+            f"({exc.verify_message}): check that ca_file (FEDMQ_CA_FILE) holds the CA that "
+            "signed it"
         )
     return TlsError(f"the TLS handshake with the broker at {where} failed: {exc}")
+
+
+def tls_alert_error(exc: BaseException, where: str) -> TlsError | None:
+    """The broker's refusal of our TLS connection, or None when `exc` reports no TLS alert.
+
+    Under TLS 1.3 the client's handshake ends before the broker has checked the client's
+    certificate, so a refusal arrives as an alert on the first read, which pika wraps as text.
+    """
+    match = _TLS_ALERT.search(str(exc))
+    if match is None:
+        return None
+    alert = match["text"].strip()
+    if match["code"] == "CERTIFICATE_REQUIRED":
+        return TlsError(
+            f"the broker at {where} requires a client certificate ({alert}): set cert_file and "
+            "key_file (FEDMQ_CERT_FILE, FEDMQ_KEY_FILE) to one signed by a CA the broker trusts"
+        )
+    return TlsError(
+        f"the broker at {where} refused the TLS connection ({alert}): check that cert_file "
+        "holds a client certificate signed by a CA the broker trusts and still valid"
+    )
 
 
 def _find_ssl_error(exc: BaseException, depth: int = 0) -> ssl.SSLError | None:
