@@ -32,6 +32,11 @@ MAX_TENSOR_DIMS = 8
 
 MAX_NAME_LENGTH = 256
 
+MAX_DECLARED_BYTES = 2**40
+"""A tensor whose non-zero dimensions alone would span more than this (1 TiB) is refused,
+also when another dimension is 0 and it holds no data: numpy cannot even shape a view
+of it, so `to_numpy` would raise on a tensor that passed validation."""
+
 # numpy has no bfloat16: it travels as the upper 16 bits of a float32.
 _NUMPY_DTYPES: dict[str, npt.DTypeLike] = {
     "float32": np.float32,
@@ -80,6 +85,13 @@ class Tensor(BaseModel):
 
     @model_validator(mode="after")
     def _data_matches_shape_and_is_finite(self) -> Tensor:
+        spanned = math.prod(d for d in self.shape if d) * ITEMSIZE[self.dtype]
+        if spanned > MAX_DECLARED_BYTES:
+            raise PydanticCustomError(
+                "shape_mismatch",
+                "tensor {name}: shape {shape} declares more than {limit} bytes",
+                {"name": self.name[:64], "shape": list(self.shape), "limit": MAX_DECLARED_BYTES},
+            )
         expected = math.prod(self.shape) * ITEMSIZE[self.dtype]
         if len(self.data) != expected:
             raise PydanticCustomError(

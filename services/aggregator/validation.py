@@ -25,6 +25,8 @@ class RejectReason(StrEnum):
     BAD_SIGNATURE = "bad-signature"
     REPLAY = "replay"
     PRIVACY_BUDGET_EXHAUSTED = "privacy-budget-exhausted"
+    NON_FINITE = "non-finite"
+    """A finite float64 value that overflows the model's float32 (1e300 becomes inf)."""
     ALREADY_IN_BUFFER = "already-in-buffer"
     """Under DP, a trainer's second update while its first is still buffered (sensitivity C)."""
 
@@ -101,6 +103,9 @@ def _flat_delta(update: ModelUpdate, context: UpdateContext) -> np.ndarray:
         delta = context.delta_layout.flatten(arrays)
     except LayoutMismatch as mismatch:
         raise RejectedUpdate(RejectReason.SHAPE_MISMATCH, str(mismatch)) from None
+    # The codec refuses NaN/Inf on the wire; only float64 can still overflow into float32.
+    if any(t.dtype == "float64" for t in update.delta) and not np.isfinite(delta).all():
+        raise RejectedUpdate(RejectReason.NON_FINITE, "a float64 value overflows float32")
     if context.mask is not None:
         delta *= context.mask
     if context.max_update_norm is not None:

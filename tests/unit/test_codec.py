@@ -254,6 +254,15 @@ def test_an_enormous_declared_shape_is_refused_without_allocating_it() -> None:
     assert _reason_of(_raw(fields)) is DecodeReason.SHAPE_MISMATCH
 
 
+@pytest.mark.parametrize("shape", [[2**63 - 1, 0], [0, 2**40, 2**40], [2**64 - 1, 0, 2**64 - 1]])
+def test_an_empty_tensor_declaring_an_enormous_dimension_is_refused(shape: list[int]) -> None:
+    # Zero elements and no data pass the length check, but numpy cannot shape such a view:
+    # accepted, it crashed the aggregator in `to_numpy` (found by tests/faults).
+    fields = _valid_update_fields()
+    fields["delta"] = [{"name": "w", "dtype": "float32", "shape": shape, "data": b""}]
+    assert _reason_of(_raw(fields)) is DecodeReason.SHAPE_MISMATCH
+
+
 def test_too_many_dimensions_are_refused_as_shape_mismatch() -> None:
     fields = _valid_update_fields()
     fields["delta"] = [{"name": "w", "dtype": "uint8", "shape": [1] * 9, "data": b"\x00"}]
@@ -318,3 +327,52 @@ def test_random_bytes_never_escape_as_anything_but_a_decode_error(data: bytes) -
         decode(data)
     except DecodeError as error:
         assert error.reason in DecodeReason
+
+
+_DIMENSIONS = st.one_of(
+    st.just(0), st.integers(1, 4), st.integers(0, 2**64 - 1),
+    st.sampled_from([2**31, 2**40, 2**63 - 1]),
+)  # fmt: skip
+_ANY_SCALAR = st.one_of(
+    st.none(), st.booleans(), st.integers(-(2**63), 2**64 - 1), st.floats(), st.text(max_size=8),
+    st.binary(max_size=16),
+)  # fmt: skip
+
+
+@st.composite
+def _hostile_tensors(draw: st.DrawFn) -> dict[str, object]:
+    shape = draw(st.lists(_DIMENSIONS, max_size=10))
+    dtype = draw(st.sampled_from(["float32", "float64", "float16", "bfloat16", "int64", "c8"]))
+    size = draw(st.integers(0, 64))
+    data = draw(st.one_of(st.just(b""), st.binary(min_size=size, max_size=size), _ANY_SCALAR))
+    name = draw(st.one_of(st.just("w"), st.text(max_size=300)))
+    return {"name": name, "dtype": dtype, "shape": shape, "data": data}
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    tensors=st.lists(_hostile_tensors(), min_size=1, max_size=3),
+    overrides=st.dictionaries(
+        st.sampled_from(["base_version", "num_examples", "created_at", "metrics", "update_id"]),
+        _ANY_SCALAR,
+        max_size=2,
+    ),
+)
+def test_structured_hostile_updates_decode_to_usable_tensors_or_a_decode_error(
+    tensors: list[dict[str, object]], overrides: dict[str, object]
+) -> None:
+    """Hostile shapes, dtypes, sizes and field types: either a `DecodeError` with a reason,
+    or an update every tensor of which numpy can view (what the aggregator does next)."""
+    fields = _valid_update_fields()
+    fields["delta"] = tensors
+    fields.update(overrides)
+    try:
+        update = decode(_raw(fields), accept=(ModelUpdate,))
+    except DecodeError as error:
+        assert error.reason in DecodeReason
+        return
+    for tensor in update.delta:
+        array = tensor.to_numpy()
+        assert array.shape == tensor.shape
+        if tensor.dtype in ("float32", "float64", "float16", "bfloat16"):
+            assert np.isfinite(array).all()
