@@ -128,7 +128,7 @@ def run(args: argparse.Namespace) -> int:
     """Serve until SIGTERM/SIGINT; the last checkpoint is written on the way out."""
     from services.aggregator.accounting import privacy_accountant
     from services.aggregator.bootstrap import load_core
-    from services.aggregator.checkpoint import CheckpointStore
+    from services.aggregator.checkpoint import CheckpointFormatError, CheckpointStore
     from services.aggregator.metrics import AggregatorMetrics
     from services.aggregator.service import AggregatorService
     from services.common.connect import bus_from_settings
@@ -140,7 +140,11 @@ def run(args: argparse.Namespace) -> int:
     configure_logging(level=settings.log_level, json=settings.log_json)
     task = task_from_args(args, settings)
     store = CheckpointStore(settings.checkpoint_dir / task.task_id)
-    core = load_core(task, store)
+    try:
+        core = load_core(task, store)
+    except CheckpointFormatError as error:
+        print(f"cannot resume: {error}", file=sys.stderr)
+        return 2
     core.accountant = privacy_accountant(
         core.strategy, delta=settings.dp_delta, budget=settings.dp_epsilon_budget
     )

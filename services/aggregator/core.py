@@ -186,22 +186,23 @@ class AggregatorCore:
 
     def global_model(self) -> GlobalModel:
         """The current weights as a `GlobalModel` message (float32, integers carried)."""
-        arrays = self.layout.unflatten(self.weights, integers=self.integers)
-        tensors = tuple(Tensor.from_numpy(name, array) for name, array in arrays.items())
-        return GlobalModel(
-            task_id=self.task.task_id,
-            version=self.version,
-            tensors=tensors,
-            updates_applied=self.updates_applied,
-        )
+        return global_model_of(self.task.task_id, self.layout, self.checkpoint())
 
     def checkpoint(self) -> Checkpoint:
-        """A snapshot to write to disk (shares the weights array; the core never mutates it)."""
+        """A snapshot to write to disk, safe to read from another thread.
+
+        It shares the weights array (the core replaces it at every step, never mutates it)
+        and copies the strategy's arrays (a server optimizer updates its moments in place).
+        """
+        state = {
+            key: value.copy() if isinstance(value, np.ndarray) else value
+            for key, value in self.strategy.state_dict().items()
+        }
         return Checkpoint(
             version=self.version,
             weights=self.weights,
-            integers=self.integers,
-            strategy_state=self.strategy.state_dict(),
+            integers=dict(self.integers),
+            strategy_state=state,
             applied_ids=list(self._applied),
             updates_applied=self.updates_applied,
             updates_rejected=self.updates_rejected,
@@ -239,3 +240,15 @@ class AggregatorCore:
             self._applied[update_id] = None
         while len(self._applied) > MAX_APPLIED_IDS:
             self._applied.popitem(last=False)
+
+
+def global_model_of(task_id: str, layout: ParamLayout, saved: Checkpoint) -> GlobalModel:
+    """The `GlobalModel` message of a checkpoint (float32 weights, integers carried)."""
+    arrays = layout.unflatten(saved.weights, integers=saved.integers)
+    tensors = tuple(Tensor.from_numpy(name, array) for name, array in arrays.items())
+    return GlobalModel(
+        task_id=task_id,
+        version=saved.version,
+        tensors=tensors,
+        updates_applied=saved.updates_applied,
+    )

@@ -2,16 +2,18 @@
 
 One engine thread owns all state. Bus handlers only hand deliveries over through an inbox,
 so the math never races and never blocks the connection thread. An update is acked only
-once a checkpoint containing its effect is on disk (or once it was dead-lettered).
+once a checkpoint containing its effect is on disk (or once it was dead-lettered); the
+committer thread does that writing, publishing and acking while the engine goes on.
 """
 
 from __future__ import annotations
 
 import queue
+import re
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TypeVar
 
 import structlog
@@ -35,7 +37,8 @@ from schemas import (
     encode,
 )
 from services.aggregator.checkpoint import CheckpointStore
-from services.aggregator.core import AggregatorCore
+from services.aggregator.committer import Commit, Committer
+from services.aggregator.core import AggregatorCore, global_model_of
 from services.aggregator.identity import SenderCheck, sender_check
 from services.aggregator.metrics import AggregatorMetrics
 from services.aggregator.registry import TrainerRegistry
@@ -65,6 +68,10 @@ M = TypeVar("M", bound=BaseModel)
 TICK_SECONDS = 0.25
 """How often the engine looks at clocks when no message arrives (round timeouts, expiry)."""
 HEARTBEAT_INTERVAL_S = 5.0
+_WAKE: tuple[str, None] = ("wake", None)
+"""Put in the inbox when a commit finished, so that a due commit is not a tick late."""
+MIN_WAIT_SECONDS = 0.001
+"""Shortest wait for a delivery, so a pending idle commit never spins the engine."""
 CONTROL_PREFETCH = 4
 EVENTS_PREFETCH = 64
 
@@ -74,7 +81,8 @@ class _Pending:
     """Deliveries whose effect is not durable yet, and when that last changed."""
 
     held: dict[str, Delivery] = field(default_factory=dict)
-    """Admitted updates still in a strategy buffer, by update id."""
+    """Admitted updates still in a strategy buffer, by update id (bodies dropped: an ack
+    needs only the handle, and the strategy already holds the delta)."""
     to_ack: list[Delivery] = field(default_factory=list)
     """Deliveries to ack at the next commit."""
 
@@ -104,14 +112,17 @@ class AggregatorService:
         self._registry = TrainerRegistry(timeout=settings.trainer_timeout)
         self._identity = identity if identity is not None else _sender_check(settings, task)
         self._privacy_spent_logged = False
-        self._inbox: queue.Queue[tuple[str, Delivery]] = queue.Queue()
+        self._inbox: queue.Queue[tuple[str, Delivery | None]] = queue.Queue()
         self._pending = _Pending()
         self._stop = threading.Event()
         self._durable_version = -1
         self._published: GlobalModel | None = None
         self._last_commit = clock()
+        self._last_delivery = clock()
         self._last_heartbeat = 0.0
         self._log = log.bind(task=task.task_id)
+        # A finished commit wakes the engine, which may be waiting for a delivery.
+        self._committer = Committer(self._perform, on_done=lambda: self._inbox.put(_WAKE))
 
     @property
     def core(self) -> AggregatorCore:
@@ -130,26 +141,32 @@ class AggregatorService:
     def run(self) -> None:
         """Declare the topology, publish the current model, and serve until `stop()`."""
         self._declare()
-        self._commit(force=True)
+        self._commit(force=True, wait=True)
         task_id = self._task.task_id
         self._bus.consume(updates_queue(task_id), self._enqueue("update"), prefetch=self.prefetch)
         self._bus.consume(control_queue(task_id), self._enqueue("join"), prefetch=CONTROL_PREFETCH)
         watch = events_queue(self._settings.aggregator_id, task_id)
         self._bus.consume(watch.name, self._enqueue("event"), prefetch=EVENTS_PREFETCH)
         self._log.info("aggregator_serving", version=self._core.version, prefetch=self.prefetch)
-        while not self._stop.is_set():
-            self.step()
-        self._commit()
+        try:
+            while not self._stop.is_set():
+                self.step()
+            self._commit(wait=True)
+        finally:
+            self._committer.close()
         self._log.info("aggregator_stopped", version=self._core.version)
 
     def step(self) -> None:
         """Handle at most one delivery, then the clocks, then commit when due."""
         try:
-            source, delivery = self._inbox.get(timeout=TICK_SECONDS)
+            source, delivery = self._inbox.get(timeout=self._wait_timeout())
         except queue.Empty:
             pass
         else:
-            self._dispatch(source, delivery)
+            if delivery is not None:
+                self._last_delivery = self._clock()
+                self._dispatch(source, delivery)
+        self._committer.check()
         now = self._clock()
         self._on_clock(now)
         if self._commit_due(now, idle=self._inbox.empty()):
@@ -203,7 +220,7 @@ class AggregatorService:
         )
         if self._registry.accepted(update.trainer_id, now=self._clock()):
             self._announce_join(update.trainer_id, num_examples=update.num_examples)
-        self._pending.held[update.update_id] = delivery
+        self._pending.held[update.update_id] = replace(delivery, body=b"")
         self._log.debug(
             "update_accepted",
             trainer=update.trainer_id,
@@ -345,49 +362,83 @@ class AggregatorService:
 
     # -- durability ----------------------------------------------------------------------
 
+    def _wait_timeout(self) -> float:
+        """How long to wait for a delivery: until the idle grace of a due commit runs out."""
+        grace = self._settings.commit_idle_grace
+        if grace <= 0 or self._core.version == self._durable_version:
+            return TICK_SECONDS
+        left = self._last_delivery + grace - self._clock()
+        return min(TICK_SECONDS, max(left, MIN_WAIT_SECONDS))
+
     def _commit_due(self, now: float, *, idle: bool) -> bool:
+        if self._committer.busy:
+            return False  # the next commit will cover everything applied meanwhile
         if self._pending.to_ack and self._core.version == self._durable_version:
             return True
         behind = self._core.version - self._durable_version
         if behind <= 0:
             return False
+        # Idle = nothing waiting and nothing arrived for the grace period: under a steady
+        # stream a commit then covers many versions instead of one per gap between messages.
+        grace = self._settings.commit_idle_grace
+        quiet = idle and (grace <= 0 or now - self._last_delivery >= grace)
         return (
-            idle
+            quiet
             or behind >= self._settings.checkpoint_every
             or now - self._last_commit >= self._settings.checkpoint_interval
         )
 
-    def _commit(self, *, force: bool = False) -> None:
-        """Checkpoint new versions, publish the newest model, then ack what it contains."""
+    def _commit(self, *, force: bool = False, wait: bool = False) -> None:
+        """Snapshot new versions and the acks they cover; commit in the background or now."""
         core = self._core
-        if force or core.version != self._durable_version:
-            started = time.perf_counter()
-            self._store.save(core.checkpoint())
-            self._metrics.on_committed(version=core.version, seconds=time.perf_counter() - started)
-            self._durable_version = core.version
-            self._published = core.global_model()
-            self._publish_model(self._published)
+        changed = force or core.version != self._durable_version
+        commit = Commit(
+            checkpoint=core.checkpoint() if changed else None,
+            to_ack=self._pending.to_ack,
+            active_trainers=len(self._registry),
+            mean_staleness=core.mean_staleness,
+            epsilon=core.epsilon,
+        )
+        self._pending.to_ack = []
+        if changed:
             self._log_privacy_spent()
-        for delivery in self._pending.to_ack:
-            self._bus.ack(delivery)
-        self._pending.to_ack.clear()
+        if wait:
+            self._committer.wait_idle()
+            self._perform(commit)
+        else:
+            self._committer.submit(commit)
         self._last_commit = self._clock()
 
-    def _publish_model(self, model: GlobalModel) -> None:
+    def _perform(self, commit: Commit) -> None:
+        """Checkpoint, publish the model, then ack what the checkpoint contains (in order)."""
+        saved = commit.checkpoint
+        if saved is not None:
+            started = time.perf_counter()
+            self._store.save(saved)
+            self._metrics.on_committed(version=saved.version, seconds=time.perf_counter() - started)
+            model = global_model_of(self._task.task_id, self._core.layout, saved)
+            self._durable_version = saved.version
+            self._published = model
+            self._publish_model(model, commit)
+        for delivery in commit.to_ack:
+            self._bus.ack(delivery)
+
+    def _publish_model(self, model: GlobalModel, commit: Commit) -> None:
         try:
             publish_message(self._bus, MODELS_EXCHANGE, model_key(self._task.task_id), model)
         except TransportError as error:
             # Followers get the next version instead; the checkpoint already holds this one.
             self._log.warning("model_publish_failed", version=model.version, error=str(error))
             return
+        saved = commit.checkpoint
         published = ModelPublished(
             task_id=self._task.task_id,
             version=model.version,
-            updates_applied=self._core.updates_applied,
-            updates_rejected=self._core.updates_rejected,
-            mean_staleness=self._core.mean_staleness,
-            active_trainers=len(self._registry),
-            epsilon=self._core.epsilon,
+            updates_applied=saved.updates_applied if saved else self._core.updates_applied,
+            updates_rejected=saved.updates_rejected if saved else self._core.updates_rejected,
+            mean_staleness=commit.mean_staleness,
+            active_trainers=commit.active_trainers,
+            epsilon=commit.epsilon,
         )
         self._emit("model.published", published)
 
@@ -423,7 +474,12 @@ def _sender_check(settings: AggregatorSettings, task: TaskDefinition) -> SenderC
     )
 
 
+_SAFE_ID = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
+"""What `Rejection.message_id` accepts (schemas.messages.MessageId)."""
+
+
 def _safe_id(value: str | None) -> str | None:
-    if value is None or not value.replace("-", "").replace("_", "").isalnum():
+    # ASCII only: `str.isalnum` also accepts "²" or "é", which `Rejection` refuses.
+    if value is None or _SAFE_ID.fullmatch(value[:128]) is None:
         return None
     return value[:128]

@@ -23,6 +23,9 @@ class AggregatorSettings(ServiceSettings):
     """Write a checkpoint (and publish the model) at least every this many versions."""
     checkpoint_interval: float = Field(default=2.0, gt=0.0)
     """... or when this many seconds passed with versions not yet durable."""
+    commit_idle_grace: float = Field(default=0.0, ge=0.0)
+    """... or when no message arrived for this many seconds (0: as soon as the inbox is
+    empty, lowest latency; under a steady stream 0.05 lets one commit cover many versions)."""
     prefetch: int = Field(default=16, ge=1)
     """Unacked updates held at once; raised to twice the strategy's buffer when smaller."""
     max_message_bytes: int = Field(default=DEFAULT_MAX_MESSAGE_BYTES, gt=0)

@@ -97,7 +97,7 @@ class LocalModel:
         """
         local = state_arrays(self.model)
         diffs = {name: self._entry_delta(name, local[name]) for name in self.float_names}
-        norm = math.sqrt(sum(float(np.dot(d.ravel(), d.ravel())) for d in diffs.values()))
+        norm = math.sqrt(sum(_squared_norm(d) for d in diffs.values()))
         if not math.isfinite(norm):
             raise DeltaNotFinite("local training produced non-finite weights")
         scale = np.float32(clip_scale(norm, max_norm))
@@ -147,3 +147,9 @@ def _owned_copy(array: npt.NDArray[np.generic]) -> npt.NDArray[np.generic]:
     # Floats as float32 (what deltas are computed in); a copy, not a view of message bytes.
     dtype = np.float32 if np.issubdtype(array.dtype, np.floating) else array.dtype
     return np.array(array, dtype=dtype, copy=True)
+
+
+def _squared_norm(array: npt.NDArray[np.float32]) -> float:
+    # In float64: a float32 dot product overflows to inf for large but finite deltas.
+    flat = array.ravel().astype(np.float64)
+    return float(np.dot(flat, flat))

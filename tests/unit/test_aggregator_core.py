@@ -202,7 +202,7 @@ def test_the_store_keeps_only_the_newest_checkpoints_and_skips_an_unreadable_one
         core.submit(_update([1, 0, 0, 0], base=core.version), redelivered=False, now=0.0)
         store.save(core.checkpoint())
     names = sorted(p.name for p in tmp_path.iterdir())
-    assert names == ["checkpoint-000000000003.npz", "checkpoint-000000000004.npz"]
+    assert names == ["checkpoint-000000000003.ckpt", "checkpoint-000000000004.ckpt"]
     (tmp_path / names[-1]).write_bytes(b"torn write")
     saved = store.latest()
     assert saved is not None and saved.version == 3
@@ -214,11 +214,17 @@ def test_batchnorm_variances_never_go_below_a_small_positive_floor() -> None:
     )
     task = _task()
     core = AggregatorCore(
-        task=task, layout=layout, weights=np.array([0.1, 0.1, 0.0], np.float32), integers={},
+        task=task,
+        layout=layout,
+        weights=np.array([0.1, 0.1, 0.0], np.float32),
+        integers={},
         strategy=build_strategy(task.strategy),
     )
     update = ModelUpdate(
-        task_id="t", trainer_id="a", base_version=0, num_examples=1,
+        task_id="t",
+        trainer_id="a",
+        base_version=0,
+        num_examples=1,
         delta=(
             Tensor.from_numpy("bn.running_var", np.array([-1.0, 0.2], np.float32)),
             Tensor.from_numpy("w", np.array([-4.0], np.float32)),

@@ -135,6 +135,18 @@ def test_diverged_weights_are_never_turned_into_an_update() -> None:
         local.delta(precision="float32")
 
 
+def test_a_large_but_finite_delta_is_clipped_instead_of_called_diverged() -> None:
+    # 1e20 squared overflows float32, not float64: the norm must still be finite.
+    local = _trained()
+    with torch.no_grad():
+        next(iter(local.model.parameters())).add_(1e20)
+
+    delta = local.delta(precision="float32", max_norm=1.0)
+
+    norm = np.sqrt(sum(float(np.sum(t.to_numpy().astype(np.float64) ** 2)) for t in delta))
+    assert norm <= 1.0
+
+
 @pytest.mark.parametrize(
     ("norm", "bound", "expected"),
     [(1.0, None, 1.0), (0.5, 1.0, 1.0), (4.0, 1.0, 0.999 / 4.0)],

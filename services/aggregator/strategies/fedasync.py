@@ -51,7 +51,9 @@ class FedAsync(Strategy):
         if self.clip_norm is not None:
             delta = clip_l2(delta, self.clip_norm)
         weight = self.alpha * self.staleness(contribution.staleness)
-        new_weights = (weights + np.float32(weight) * delta).astype(np.float32, copy=False)
+        # One new array (the old weights may still be referenced by a checkpoint in flight).
+        new_weights = np.multiply(delta, np.float32(weight), dtype=np.float32)
+        new_weights += weights
         self.steps += 1
         return StepResult(
             weights=new_weights,
