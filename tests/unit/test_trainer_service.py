@@ -155,7 +155,11 @@ def test_stopping_ends_the_loop_and_announces_leaving() -> None:
     aggregator = FakeAggregator(bus, spec, global_model(spec, 0))
     trainer = _trainer(bus)
     running = Background(trainer.run)
-    wait_until(lambda: trainer.updates_sent >= 2)
+    # Heartbeats tick on their own clock: wait until one has caught a round in progress.
+    wait_until(
+        lambda: trainer.updates_sent >= 2
+        and "training" in {b.state for b in aggregator.events(Heartbeat)}
+    )
 
     # When it is asked to stop
     trainer.stop()
