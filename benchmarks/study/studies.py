@@ -72,6 +72,13 @@ def remedies(options: StudyOptions) -> list[RunSpec]:
     return [
         RunSpec("FedBuff K=4, server momentum 0.9 lr 0.1", momentum),
         RunSpec(f"FedBuff K={ROBUST_BUFFER}", fedbuff(s, buffer_size=ROBUST_BUFFER)),
+        # Every site trains the same number of steps, so a size-weighted mean over-weights
+        # the two largest sites (92% and 99% pneumonia) in whichever buffer they land.
+        RunSpec("FedBuff K=4, uniform weights", fedbuff(s, sample_weighted=False)),
+        RunSpec(
+            f"FedBuff K={ROBUST_BUFFER}, uniform weights",
+            fedbuff(s, buffer_size=ROBUST_BUFFER, sample_weighted=False),
+        ),
     ]
 
 

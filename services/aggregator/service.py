@@ -420,8 +420,8 @@ class AggregatorService:
             self._durable_version = saved.version
             self._published = model
             self._publish_model(model, commit)
-        for delivery in commit.to_ack:
-            self._bus.ack(delivery)
+        if commit.to_ack:
+            self._bus.ack_all(commit.to_ack)
 
     def _publish_model(self, model: GlobalModel, commit: Commit) -> None:
         try:

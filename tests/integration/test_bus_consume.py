@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from services.common.bus import ConnectionLost, Delivery, NotFound
+from services.common.bus import AlreadySettled, ConnectionLost, Delivery, NotFound
 from services.common.bus.pika_bus import PikaBus
 from services.common.topology import UPDATES_EXCHANGE, task_topology, update_key, updates_queue
 from tests.conftest import BrokerNames
@@ -119,3 +119,24 @@ def test_a_closed_bus_refuses_new_work_with_connection_lost(
     with pytest.raises(ConnectionLost, match="closed"):
         bus.publish(UPDATES_EXCHANGE, update_key(broker_names.id(), "a"), b"", kind="X")
     assert not bus.io_thread.is_alive()
+
+
+def test_ack_all_settles_every_held_delivery_in_one_call_and_refuses_a_second_ack(
+    bus: PikaBus, broker_names: BrokerNames
+) -> None:
+    # Given a consumer holding five unacked deliveries
+    task = broker_names.task_id()
+    bus.declare(task_topology(task))
+    held: queue.Queue[Delivery] = queue.Queue()
+    tag = bus.consume(updates_queue(task), held.put, prefetch=8)
+    for i in range(5):
+        bus.publish(UPDATES_EXCHANGE, update_key(task, "a"), b"%d" % i, kind="X")
+    deliveries = [held.get(timeout=10) for _ in range(5)]
+    # When all five are acked at once
+    bus.ack_all(deliveries)
+    # Then none comes back when the consumer goes away, and each counts as settled
+    bus.cancel(tag)
+    assert bus.get(updates_queue(task)) is None
+    assert bus.queue_depth(updates_queue(task)) == 0
+    with pytest.raises(AlreadySettled):
+        bus.ack_all(deliveries[:1])

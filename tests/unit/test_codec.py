@@ -283,6 +283,25 @@ def test_nan_or_inf_in_a_tensor_is_refused_as_non_finite(bad: float) -> None:
     assert _reason_of(_raw(fields)) is DecodeReason.NON_FINITE
 
 
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_a_non_finite_value_far_past_the_first_chunk_of_a_large_tensor_is_found(
+    bad: float,
+) -> None:
+    values = np.zeros(300_000, np.float32)
+    values[-1] = bad
+    fields = _valid_update_fields()
+    fields["delta"] = [
+        {"name": "w", "dtype": "float32", "shape": [300_000], "data": values.tobytes()}
+    ]
+    assert _reason_of(_raw(fields)) is DecodeReason.NON_FINITE
+
+
+def test_huge_finite_values_whose_squares_overflow_float32_are_accepted() -> None:
+    values = np.full(100_000, 3e38, np.float32)
+    tensor = Tensor(name="w", dtype="float32", shape=(100_000,), data=values.tobytes())
+    assert tensor.to_numpy().max() == np.float32(3e38)
+
+
 def test_nan_in_a_bfloat16_tensor_is_refused_as_non_finite() -> None:
     fields = _valid_update_fields()
     nan_bf16 = np.array([0x3F80, 0x7FC0], np.uint16).tobytes()

@@ -16,6 +16,7 @@ from services.aggregator.strategies.robust import (
     l2_norm,
     trimmed_mean,
     weighted_mean,
+    weighted_sum,
 )
 from services.aggregator.strategies.staleness import ConstantStaleness, PolynomialStaleness
 
@@ -170,3 +171,35 @@ def test_robust_statistics_stay_within_the_range_of_each_coordinate(
 )
 def test_clipped_norm_never_exceeds_the_bound(delta: np.ndarray, max_norm: float) -> None:
     assert l2_norm(clip_l2(delta, max_norm)) <= max_norm * (1 + 1e-6)
+
+
+def test_l2_norm_of_a_model_sized_vector_matches_a_float64_reference() -> None:
+    rng = np.random.default_rng(0)
+    delta = rng.standard_normal(3_000_000).astype(np.float32)
+    wide = delta.astype(np.float64)
+    assert l2_norm(delta) == pytest.approx(float(np.sqrt(wide @ wide)), rel=1e-6)
+
+
+def test_l2_norm_of_nan_is_nan() -> None:
+    assert np.isnan(l2_norm(vec(1, float("nan"))))
+
+
+def test_weighted_sum_of_huge_finite_deltas_with_convex_coefficients_stays_finite() -> None:
+    big = np.float32(3e38)
+    total = weighted_sum([vec(big, -big), vec(big, -big)], [0.5, 0.5])
+    assert total.dtype == np.float32
+    assert np.isfinite(total).all()
+    np.testing.assert_allclose(total, vec(big, -big), rtol=1e-6)
+
+
+def test_weighted_sum_matches_a_float64_reference() -> None:
+    rng = np.random.default_rng(1)
+    deltas = [rng.standard_normal(10_000).astype(np.float32) for _ in range(8)]
+    coefficients = list(rng.uniform(0, 0.25, size=8))
+    reference = sum(c * d.astype(np.float64) for c, d in zip(coefficients, deltas, strict=True))
+    np.testing.assert_allclose(weighted_sum(deltas, coefficients), reference, rtol=1e-5, atol=1e-6)
+
+
+def test_weighted_sum_refuses_a_coefficient_count_that_does_not_match() -> None:
+    with pytest.raises(ValueError, match="coefficients"):
+        weighted_sum([vec(1, 2)], [0.5, 0.5])

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import uuid
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Final, Self
@@ -157,6 +157,11 @@ class Bus(ABC):
     @abstractmethod
     def ack(self, delivery: Delivery) -> None:
         """Acknowledge: the broker forgets the message."""
+
+    def ack_all(self, deliveries: Sequence[Delivery]) -> None:
+        """Acknowledge several deliveries (a bus may batch them into one round trip)."""
+        for delivery in deliveries:
+            self.ack(delivery)
 
     @abstractmethod
     def reject(self, delivery: Delivery) -> None:

@@ -21,7 +21,7 @@ import ssl
 import threading
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from queue import Empty, Queue
@@ -343,6 +343,10 @@ class PikaBus(Bus):
     def ack(self, delivery: Delivery) -> None:
         """Acknowledge; dropped with a log line if its connection is gone (it comes back)."""
         self._settle(delivery, "ack", _basic_ack)
+
+    def ack_all(self, deliveries: Sequence[Delivery]) -> None:
+        """Acknowledge several deliveries with one round trip to the I/O thread."""
+        self._settle_all(deliveries, "ack", _basic_ack)
 
     def reject(self, delivery: Delivery) -> None:
         """Reject without requeue; the queue's dead-letter exchange, if any, receives it."""
@@ -749,34 +753,38 @@ class PikaBus(Bus):
     # -- settling ------------------------------------------------------------------------
 
     def _settle(self, delivery: Delivery, action: str, act: Callable[[_PikaHandle], None]) -> None:
-        handle = _handle_of(delivery)
-        if handle.channel is None:
-            return  # an RPC reply: auto-acknowledged, nothing to settle
-        if handle.settled:
-            raise AlreadySettled(f"message {delivery.message_id!r} was already settled")
-        if not handle.lease.alive:
-            handle.settled = True
-            _log_dropped(action, delivery)
+        self._settle_all([delivery], action, act)
+
+    def _settle_all(
+        self, deliveries: Sequence[Delivery], action: str, act: Callable[[_PikaHandle], None]
+    ) -> None:
+        """Settle every delivery in one hand-over to the I/O thread (one wake-up, one wait)."""
+        live: list[tuple[Delivery, _PikaHandle]] = []
+        for delivery in deliveries:
+            handle = _handle_of(delivery)
+            if handle.channel is None:
+                continue  # an RPC reply: auto-acknowledged, nothing to settle
+            if handle.settled:
+                raise AlreadySettled(f"message {delivery.message_id!r} was already settled")
+            if not handle.lease.alive:
+                handle.settled = True
+                _log_dropped(action, delivery)
+                continue
+            live.append((delivery, handle))
+        if not live:
             return
 
         def run() -> None:
-            if handle.settled:
-                raise AlreadySettled(f"message {delivery.message_id!r} was already settled")
-            handle.settled = True
-            if not handle.lease.alive or not handle.channel.is_open:
-                _log_dropped(action, delivery)
-                return
-            try:
-                act(handle)
-            except Exception:
-                # Still settleable (e.g. the dead-letter copy was refused) unless its channel died.
-                handle.settled = not handle.channel.is_open
-                raise
+            for delivery, handle in live:
+                _settle_now(delivery, handle, action, act)
 
         try:
             self._submit(run, timeout=DEFAULT_SETTLE_TIMEOUT_S, what=action, internal=True)
         except ConnectionLost:
-            _log_dropped(action, delivery)
+            for delivery, handle in live:
+                if not handle.settled:
+                    handle.settled = True
+                    _log_dropped(action, delivery)
 
     # -- consumers -------------------------------------------------------------------------
 
@@ -960,6 +968,24 @@ class PikaBus(Bus):
 
 def _noop() -> None:
     """Wake-up callback: its only effect is making `process_data_events` return."""
+
+
+def _settle_now(
+    delivery: Delivery, handle: _PikaHandle, action: str, act: Callable[[_PikaHandle], None]
+) -> None:
+    """On the I/O thread: settle one delivery unless it was settled or its channel closed."""
+    if handle.settled:
+        raise AlreadySettled(f"message {delivery.message_id!r} was already settled")
+    handle.settled = True
+    if not handle.lease.alive or not handle.channel.is_open:
+        _log_dropped(action, delivery)
+        return
+    try:
+        act(handle)
+    except Exception:
+        # Still settleable (e.g. the dead-letter copy was refused) unless its channel died.
+        handle.settled = not handle.channel.is_open
+        raise
 
 
 def _basic_ack(handle: _PikaHandle) -> None:
