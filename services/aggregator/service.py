@@ -51,6 +51,8 @@ from services.common.messaging import decode_delivery, publish_message
 from services.common.topology import (
     EVENTS_EXCHANGE,
     MODELS_EXCHANGE,
+    EventType,
+    QueueSpec,
     Topology,
     control_queue,
     event_key,
@@ -74,6 +76,8 @@ MIN_WAIT_SECONDS = 0.001
 """Shortest wait for a delivery, so a pending idle commit never spins the engine."""
 CONTROL_PREFETCH = 4
 EVENTS_PREFETCH = 64
+WATCHED_EVENTS: tuple[EventType, ...] = ("heartbeat", "trainer.left")
+"""What the aggregator listens to on the events exchange (liveness of trainers)."""
 
 
 @dataclass
@@ -145,7 +149,7 @@ class AggregatorService:
         task_id = self._task.task_id
         self._bus.consume(updates_queue(task_id), self._enqueue("update"), prefetch=self.prefetch)
         self._bus.consume(control_queue(task_id), self._enqueue("join"), prefetch=CONTROL_PREFETCH)
-        watch = events_queue(self._settings.aggregator_id, task_id)
+        watch = self._watch_queue()
         self._bus.consume(watch.name, self._enqueue("event"), prefetch=EVENTS_PREFETCH)
         self._log.info("aggregator_serving", version=self._core.version, prefetch=self.prefetch)
         try:
@@ -179,8 +183,10 @@ class AggregatorService:
                 task.task_id, max_update_bytes=task.max_update_bytes, queue_type=task.queue_type
             )
         )
-        watch = events_queue(self._settings.aggregator_id, task.task_id)
-        self._bus.declare(topology.merge(Topology(queues=(watch,))))
+        self._bus.declare(topology.merge(Topology(queues=(self._watch_queue(),))))
+
+    def _watch_queue(self) -> QueueSpec:
+        return events_queue(self._settings.aggregator_id, self._task.task_id, events=WATCHED_EVENTS)
 
     def _enqueue(self, source: str) -> Callable[[Delivery], None]:
         def hand_over(delivery: Delivery) -> None:
@@ -314,8 +320,11 @@ class AggregatorService:
             self._log.warning("reply_failed", error=str(error))
 
     def _on_event(self, delivery: Delivery) -> None:
+        # Events are acked with the next commit, in one batch: a synchronous ack per
+        # heartbeat would cost the engine a round trip to the I/O thread, and handling a
+        # redelivered heartbeat again is harmless.
         if delivery.kind not in ("heartbeat", "trainer_left"):
-            self._bus.ack(delivery)
+            self._pending.to_ack.append(delivery)
             return
         try:
             event = decode_delivery(delivery, accept=(Heartbeat, TrainerLeft))
@@ -329,7 +338,7 @@ class AggregatorService:
         elif isinstance(event, TrainerLeft) and self._registry.leave(event.trainer_id):
             self._log.info("trainer_left", trainer=event.trainer_id, reason=event.reason)
             self._metrics.on_trainers(len(self._registry))
-        self._bus.ack(delivery)
+        self._pending.to_ack.append(delivery)
 
     def _announce_join(self, trainer_id: str, *, num_examples: int) -> None:
         self._log.info("trainer_joined", trainer=trainer_id, num_examples=num_examples)

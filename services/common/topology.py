@@ -7,7 +7,7 @@ mirrors `shared_topology()` for operators.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Final, Literal, TypeVar
@@ -278,19 +278,31 @@ def follower_topology(task_id: str, follower_id: str) -> Topology:
     return shared_topology().merge(Topology(queues=(follower_queue(task_id, follower_id),)))
 
 
-def events_queue(watcher_id: str, task_id: str | None = None) -> QueueSpec:
-    """A bounded, self-deleting queue receiving the events of one task (or of every task)."""
+def events_queue(
+    watcher_id: str, task_id: str | None = None, *, events: Sequence[EventType] | None = None
+) -> QueueSpec:
+    """A bounded, self-deleting queue receiving the events of one task (or of every task).
+
+    `events` narrows a task's queue to those kinds (the aggregator needs only heartbeats and
+    departures, not the stream of its own `model.published`); None means every kind.
+    """
     watcher = validate_id(watcher_id, what="watcher id")
     if task_id is None:
+        if events is not None:
+            raise ValueError("`events` narrows the watch queue of one task: give `task_id` too")
         name = f"fedmq.watch.{watcher}"
         patterns: tuple[str, ...] = ("#",)
     else:
         task = validate_id(task_id, what="task id")
         name = f"fedmq.{task}.watch.{watcher}"
+        unknown = set(events or ()) - _EVENT_TYPES
+        if unknown:
+            raise ValueError(f"unknown events {sorted(unknown)}; expected {sorted(_EVENT_TYPES)}")
         # One exact pattern per kind: `*.*.<task>` would also catch `heartbeat.<other>.<task>`.
         patterns = tuple(
             f"heartbeat.{task}.*" if event == "heartbeat" else f"{event}.{task}"
             for event in _EVENT_ORDER
+            if events is None or event in events
         )
     return QueueSpec(
         name=name,

@@ -188,3 +188,17 @@ def test_queue_spec_arguments_are_a_read_only_copy() -> None:
     assert spec.arguments["x-max-length"] == 1
     with pytest.raises(TypeError):
         spec.arguments["x-max-length"] = 2  # type: ignore[index]
+
+
+def test_a_task_watch_queue_can_be_narrowed_to_the_events_its_consumer_handles() -> None:
+    queue = t.events_queue("aggregator", "mnist-1", events=("heartbeat", "trainer.left"))
+    patterns = [b.routing_key for b in queue.bindings]
+    assert patterns == ["heartbeat.mnist-1.*", "trainer.left.mnist-1"]
+    assert queue.name == t.events_queue("aggregator", "mnist-1").name
+
+
+def test_narrowing_a_watch_queue_refuses_unknown_events_and_the_all_tasks_queue() -> None:
+    with pytest.raises(ValueError, match="unknown events"):
+        t.events_queue("aggregator", "mnist-1", events=("model.deleted",))  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="task_id"):
+        t.events_queue("watcher", events=("heartbeat",))

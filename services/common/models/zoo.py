@@ -14,9 +14,9 @@ from functools import partial
 
 import torch
 from torch import nn
-from torchvision.models import mobilenet_v2, resnet18
-from torchvision.models.mobilenetv3 import MobileNetV3, _mobilenet_v3_conf
-from torchvision.ops.misc import Conv2dNormActivation
+
+# torchvision is imported inside the builders that need it: importing it takes 5-15 s
+# (it pulls in torch._dynamo), which every cnn-small service would pay at start-up.
 
 SMALL_IMAGE_MAX = 64
 """Images up to this size use the small-image stems (MedMNIST's 28 x 28 ResNet recipe)."""
@@ -25,6 +25,9 @@ CNN_SMALL_BN_MOMENTUM = 0.3
 """cnn-small's BatchNorm running-stat momentum. A federated round is a few dozen local steps;
 at torch's 0.1 the running statistics still carry ~30% of their initial (0, 1) values after
 12 steps and the eval-mode model is badly miscalibrated (AUC 1.0, accuracy at chance)."""
+
+CNN_SMALL_GN_GROUPS = 8
+"""GroupNorm groups of `cnn-small-gn` (4, 8 and 16 channels per group)."""
 
 MOBILENET_V3_BN_MOMENTUM = 0.1
 """torchvision's 0.01 suits long ImageNet schedules; over a short schedule it leaves the
@@ -38,19 +41,41 @@ class UnknownModel(ValueError):
     """A model name that is not in the zoo."""
 
 
+Norm = Callable[[int], nn.Module]
+"""`channels -> normalisation layer`."""
+
+
+def _batch_norm(channels: int) -> nn.Module:
+    return nn.BatchNorm2d(channels, momentum=CNN_SMALL_BN_MOMENTUM)
+
+
+def _group_norm(channels: int) -> nn.Module:
+    return nn.GroupNorm(CNN_SMALL_GN_GROUPS, channels)
+
+
 class SmallCNN(nn.Module):
-    """Three conv blocks (32, 64, 128 channels, two 3x3 conv+BN+ReLU each), ~420k params.
+    """Three conv blocks (32, 64, 128 channels, two 3x3 conv+norm+ReLU each), ~420k params.
 
     Two 2x2 max-pools (28 -> 7) then a 2x2 adaptive average pool, so any input of at
-    least 4 x 4 works; a two-layer classifier with dropout.
+    least 4 x 4 works; a two-layer classifier with dropout. `norm` is BatchNorm by
+    default; GroupNorm (`cnn-small-gn`) has no running statistics, so nothing in the
+    model depends on which sites' data the last aggregate happened to come from.
     """
 
-    def __init__(self, *, in_channels: int, num_classes: int, dropout: float = 0.25) -> None:
+    def __init__(
+        self,
+        *,
+        in_channels: int,
+        num_classes: int,
+        dropout: float = 0.25,
+        norm: Norm = _batch_norm,
+    ) -> None:
         super().__init__()
+        block = partial(_conv_norm_relu, norm=norm)
         self.features = nn.Sequential(
-            *_conv_bn_relu(in_channels, 32), *_conv_bn_relu(32, 32), nn.MaxPool2d(2),
-            *_conv_bn_relu(32, 64), *_conv_bn_relu(64, 64), nn.MaxPool2d(2),
-            *_conv_bn_relu(64, 128), *_conv_bn_relu(128, 128), nn.AdaptiveAvgPool2d(2),
+            *block(in_channels, 32), *block(32, 32), nn.MaxPool2d(2),
+            *block(32, 64), *block(64, 64), nn.MaxPool2d(2),
+            *block(64, 128), *block(128, 128), nn.AdaptiveAvgPool2d(2),
         )  # fmt: skip
         self.classifier = nn.Sequential(
             nn.Flatten(),
@@ -69,19 +94,21 @@ class SmallCNN(nn.Module):
         return out
 
 
-def _conv_bn_relu(cin: int, cout: int) -> list[nn.Module]:
-    return [
-        nn.Conv2d(cin, cout, 3, padding=1, bias=False),
-        nn.BatchNorm2d(cout, momentum=CNN_SMALL_BN_MOMENTUM),
-        nn.ReLU(inplace=True),
-    ]
+def _conv_norm_relu(cin: int, cout: int, *, norm: Norm) -> list[nn.Module]:
+    return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), norm(cout), nn.ReLU(inplace=True)]
 
 
 def _cnn_small(num_classes: int, in_channels: int, small: bool) -> nn.Module:
     return SmallCNN(in_channels=in_channels, num_classes=num_classes)
 
 
+def _cnn_small_gn(num_classes: int, in_channels: int, small: bool) -> nn.Module:
+    return SmallCNN(in_channels=in_channels, num_classes=num_classes, norm=_group_norm)
+
+
 def _resnet18(num_classes: int, in_channels: int, small: bool) -> nn.Module:
+    from torchvision.models import resnet18
+
     model: nn.Module = resnet18(weights=None, num_classes=num_classes)
     if small:
         model.conv1 = nn.Conv2d(in_channels, 64, 3, stride=1, padding=1, bias=False)
@@ -93,6 +120,9 @@ def _resnet18(num_classes: int, in_channels: int, small: bool) -> nn.Module:
 
 
 def _mobilenet_v2(num_classes: int, in_channels: int, small: bool) -> nn.Module:
+    from torchvision.models import mobilenet_v2
+    from torchvision.ops.misc import Conv2dNormActivation
+
     setting = [[1, 16, 1, 1], [6, 24, 2, 2], [6, 32, 3, 2], [6, 64, 4, 2],
                [6, 96, 3, 1], [6, 160, 3, 2], [6, 320, 1, 1]]  # fmt: skip
     if small:
@@ -109,6 +139,9 @@ def _mobilenet_v2(num_classes: int, in_channels: int, small: bool) -> nn.Module:
 
 
 def _mobilenet_v3_small(num_classes: int, in_channels: int, small: bool) -> nn.Module:
+    from torchvision.models.mobilenetv3 import MobileNetV3, _mobilenet_v3_conf
+    from torchvision.ops.misc import Conv2dNormActivation
+
     setting, last_channel = _mobilenet_v3_conf("mobilenet_v3_small")
     if small:
         setting[0].stride = 1  # with the stride-1 stem: total stride 8
@@ -136,6 +169,7 @@ def _replace_stem(model: nn.Module, stem: nn.Module) -> None:
 
 _BUILDERS: dict[str, Builder] = {
     "cnn-small": _cnn_small,
+    "cnn-small-gn": _cnn_small_gn,
     "mobilenet_v2": _mobilenet_v2,
     "mobilenet_v3_small": _mobilenet_v3_small,
     "resnet18": _resnet18,
