@@ -69,6 +69,9 @@ class TaskSpec(_Message):
     optimizer: Literal["sgd", "adam"] = "sgd"
     momentum: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.9
     weight_decay: Annotated[float, Field(ge=0.0, le=1.0)] = 0.0
+    logit_adjustment: Annotated[float, Field(ge=0.0, le=10.0)] = 0.0
+    """tau of the logit-adjusted loss: each site trains on `logits + tau * log(its own class
+    prior)`, so no site's label mix is learnt into the shared model (0: plain cross-entropy)."""
     precision: Precision = "float32"
     fedbn: bool = False
     max_update_norm: Annotated[float, Field(gt=0.0)] | None = None

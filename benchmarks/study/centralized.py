@@ -58,7 +58,7 @@ def run_centralized_baseline(
     train = TrainConfig(
         epochs=math.ceil(budget / epoch_s) + 1, batch_size=recipe.batch_size,
         lr=recipe.learning_rate, optimizer=recipe.optimizer, momentum=recipe.momentum,
-        seed=settings.seed,
+        seed=settings.seed, logit_adjustment=recipe.logit_adjustment,
     )  # fmt: skip
     config = CentralizedConfig(
         run_dir=run_dir, name=run.name, model=settings.model, data_source=DATA_SOURCE,

@@ -51,6 +51,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--local-steps", type=int, default=LocalRecipe.steps)
     parser.add_argument("--lr", type=float, default=LocalRecipe.learning_rate)
+    parser.add_argument(
+        "--logit-adjustment", type=float, default=LocalRecipe.logit_adjustment,
+        help="tau of the logit-adjusted loss (sites and centralized alike)",
+    )  # fmt: skip
     parser.add_argument("--bandwidth", type=float, default=100.0, help="Mbit/s per site")
     parser.add_argument(
         "--seconds-per-sample", type=float, help="pin the speed instead of measuring it"
@@ -75,7 +79,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         eval_every_s=args.eval_every or DEFAULT_EVAL_EVERY_S[args.model],
         sites=args.sites,
         seed=args.seed,
-        recipe=LocalRecipe(steps=args.local_steps, learning_rate=args.lr),
+        recipe=LocalRecipe(
+            steps=args.local_steps, learning_rate=args.lr, logit_adjustment=args.logit_adjustment
+        ),
         bandwidth_mbit_s=args.bandwidth,
     )
     options = StudyOptions(seed=args.seed, noise=args.noise, dp_clip=args.dp_clip, sites=args.sites)

@@ -177,6 +177,7 @@ class FederatedRun:
             "local_steps": spec.local_steps,
             "batch_size": spec.batch_size,
             "learning_rate": spec.learning_rate,
+            "logit_adjustment": spec.logit_adjustment,
             "optimizer": spec.optimizer,
             "momentum": spec.momentum,
             "clock": "virtual",

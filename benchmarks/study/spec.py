@@ -29,6 +29,8 @@ class LocalRecipe:
     learning_rate: float = 0.01
     optimizer: Literal["sgd", "adam"] = "sgd"
     momentum: float = 0.9
+    logit_adjustment: float = 0.0
+    """tau of the logit-adjusted loss, in every site and in the centralized baseline."""
 
 
 @dataclass(frozen=True)
@@ -98,5 +100,6 @@ def task_definition(run: RunSpec, settings: StudySettings, *, task_id: str) -> T
         image_size=IMAGE_SIZE, local_epochs=MANY_EPOCHS, local_steps=recipe.steps,
         batch_size=recipe.batch_size, learning_rate=recipe.learning_rate,
         optimizer=recipe.optimizer, momentum=recipe.momentum, seed=settings.seed,
+        logit_adjustment=recipe.logit_adjustment,
     )  # fmt: skip
     return with_consistent_spec(TaskDefinition(spec=spec, strategy=run.strategy))

@@ -23,6 +23,7 @@ _SPEC_FLAGS: tuple[tuple[str, str, type], ...] = (
     ("--lr", "learning_rate", float),
     ("--optimizer", "optimizer", str),
     ("--momentum", "momentum", float),
+    ("--logit-adjustment", "logit_adjustment", float),
     ("--precision", "precision", str),
     ("--max-update-norm", "max_update_norm", float),
     ("--seed", "seed", int),

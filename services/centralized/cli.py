@@ -62,6 +62,10 @@ def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--optimizer", choices=("sgd", "adam"), default="sgd")
     parser.add_argument("--momentum", type=float, default=DEFAULT_MOMENTUM)
     parser.add_argument("--weight-decay", type=float, default=0.0)
+    parser.add_argument(
+        "--logit-adjustment", type=float, default=0.0,
+        help="tau of the logit-adjusted loss (0: plain cross-entropy)",
+    )  # fmt: skip
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--budget-seconds", type=_positive_float, help="stop training after this wall-clock time"
@@ -102,6 +106,7 @@ def config_from_args(args: argparse.Namespace) -> CentralizedConfig:
     train = TrainConfig(
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer,
         momentum=args.momentum, weight_decay=args.weight_decay, seed=args.seed,
+        logit_adjustment=args.logit_adjustment,
     )  # fmt: skip
     return CentralizedConfig(
         run_dir=args.run_dir,

@@ -16,14 +16,20 @@ from pathlib import Path
 from typing import Protocol
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
 from schemas import EvalReport
 from services.common.data import ImageDataset, load_site_dataset
 from services.common.models import build_model
-from services.common.training import EvalResult, TrainConfig, build_optimizer, evaluate
+from services.common.training import (
+    EvalResult,
+    LogitAdjustment,
+    TrainConfig,
+    build_optimizer,
+    evaluate,
+    train_step,
+)
 from services.report.logs import EVAL_LOG_FILE, append_eval_report
 from services.report.manifest import RunManifest, write_manifest
 
@@ -146,6 +152,7 @@ class CentralizedRun:
         self._model = _build(config, self._train_set)
         self._optimizer = build_optimizer(self._model, config.train)
         self._loader = _train_loader(self._train_set, config.train)
+        self._adjustment = LogitAdjustment.of(self._train_set, config.train.logit_adjustment)
         self._manifest = _manifest(config, self._started_at, self._train_set, self._test_set)
         self._reports: list[EvalReport] = []
         self._steps = 0
@@ -188,7 +195,7 @@ class CentralizedRun:
             if self._over_budget():
                 self._stopped_by_budget = True
                 break
-            _train_step(self._model, self._optimizer, images, labels)
+            train_step(self._model, self._optimizer, images, labels, self._adjustment)
             self._steps += 1
             if self._clock() >= self._next_timed_eval:
                 self._evaluate()
@@ -262,14 +269,6 @@ def _check_finite(model: nn.Module, steps: int) -> None:
             raise TrainingDiverged(
                 f"{name} holds NaN or Inf after {steps} steps: lower the learning rate"
             )
-
-
-def _train_step(
-    model: nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor, labels: torch.Tensor
-) -> None:
-    optimizer.zero_grad(set_to_none=True)
-    torch.autograd.backward(F.cross_entropy(model(images), labels))
-    optimizer.step()
 
 
 def _manifest(

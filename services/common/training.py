@@ -44,10 +44,16 @@ class TrainConfig:
     momentum: float = 0.9
     weight_decay: float = 0.0
     seed: int = 0
+    logit_adjustment: float = 0.0
+    """tau of the logit-adjusted loss (Menon et al. 2021): cross-entropy of
+    `logits + tau * log(class prior of this dataset)`. The model then learns scores free of
+    the local label mix, which under label skew differs from site to site; 0 = plain loss."""
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1:
             raise ValueError("epochs and batch_size must be >= 1")
+        if self.logit_adjustment < 0:
+            raise ValueError(f"logit_adjustment must be >= 0, got {self.logit_adjustment}")
         if not (self.lr > 0 and self.weight_decay >= 0 and 0 <= self.momentum < 1):
             raise ValueError("need lr > 0, weight_decay >= 0 and 0 <= momentum < 1")
         if self.optimizer not in ("sgd", "adam"):
@@ -90,6 +96,43 @@ class _Progress:
     stopped: bool = False
 
 
+class LogitAdjustment:
+    """The logit-adjusted loss: cross-entropy of `logits + tau * log(class prior)`.
+
+    The prior is the training data's own label mix, add-one smoothed so that a class a
+    site never saw gets a finite (very negative) offset instead of -inf.
+    """
+
+    def __init__(self, class_counts: npt.NDArray[np.int64], tau: float) -> None:
+        self._counts = np.asarray(class_counts, dtype=np.float64)
+        self.tau = tau
+        self._offset: torch.Tensor | None = None
+
+    @classmethod
+    def of(cls, dataset: LabelledImages, tau: float) -> LogitAdjustment | None:
+        """The adjustment for training on `dataset`; None when `tau` is 0 (plain loss)."""
+        return cls(class_counts(dataset), tau) if tau > 0 else None
+
+    def offset(self, classes: int, device: torch.device) -> torch.Tensor:
+        """`tau * log(prior)` for a model with `classes` outputs."""
+        if self._offset is None or self._offset.shape[0] != classes:
+            counts = np.zeros(classes, dtype=np.float64)
+            known = self._counts[:classes]
+            counts[: len(known)] = known
+            prior = (counts + 1.0) / (counts.sum() + classes)
+            self._offset = torch.tensor(self.tau * np.log(prior), dtype=torch.float32)
+        return self._offset.to(device)
+
+
+def classification_loss(
+    logits: torch.Tensor, labels: torch.Tensor, adjustment: LogitAdjustment | None = None
+) -> torch.Tensor:
+    """Mean cross-entropy, logit-adjusted when `adjustment` is given."""
+    if adjustment is not None:
+        logits = logits + adjustment.offset(int(logits.shape[1]), logits.device)
+    return F.cross_entropy(logits, labels)
+
+
 def train_local(
     model: nn.Module,
     dataset: LabelledImages,
@@ -114,13 +157,16 @@ def train_local(
     device = _device_of(model)
     loader = _train_loader(dataset, config, size)
     optimizer = build_optimizer(model, config)
+    adjustment = LogitAdjustment.of(dataset, config.logit_adjustment)
     progress = _Progress()
     started = time.perf_counter()
     model.train()
     with torch.random.fork_rng(devices=_rng_devices(device)):
         torch.manual_seed(config.seed)
         for _ in range(config.epochs):
-            _run_epoch(model, loader, optimizer, device, progress, should_stop, slowdown)
+            _run_epoch(
+                model, loader, optimizer, device, progress, should_stop, slowdown, adjustment
+            )
             if progress.stopped:
                 break
     return TrainResult(
@@ -141,13 +187,14 @@ def _run_epoch(
     progress: _Progress,
     should_stop: Callable[[], bool],
     slowdown: float,
+    adjustment: LogitAdjustment | None,
 ) -> None:
     for images, labels in loader:
         if should_stop():
             progress.stopped = True
             return
         tick = time.perf_counter()
-        loss = _train_step(model, optimizer, images.to(device), labels.to(device))
+        loss = train_step(model, optimizer, images.to(device), labels.to(device), adjustment)
         progress.loss_sum += loss * len(labels)
         progress.seen += len(labels)
         progress.steps += 1
@@ -155,11 +202,16 @@ def _run_epoch(
             _pause((slowdown - 1.0) * (time.perf_counter() - tick), should_stop)
 
 
-def _train_step(
-    model: nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor, labels: torch.Tensor
+def train_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    adjustment: LogitAdjustment | None = None,
 ) -> float:
+    """One optimizer step on one batch; returns the batch's loss."""
     optimizer.zero_grad(set_to_none=True)
-    loss = F.cross_entropy(model(images), labels)
+    loss = classification_loss(model(images), labels, adjustment)
     torch.autograd.backward(loss)
     optimizer.step()
     return float(loss.detach())
@@ -179,6 +231,14 @@ def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimi
     return torch.optim.SGD(
         params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
     )
+
+
+def class_counts(dataset: LabelledImages) -> npt.NDArray[np.int64]:
+    """Examples per label; datasets with a `labels` vector (all of fedmq's) answer at once."""
+    labels = getattr(dataset, "labels", None)
+    if labels is None:
+        labels = [int(dataset[i][1]) for i in range(_length(dataset))]
+    return np.bincount(np.asarray(labels, dtype=np.int64))
 
 
 def _train_loader(

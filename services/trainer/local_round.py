@@ -32,6 +32,7 @@ def train_config(spec: TaskSpec, *, seed: int) -> TrainConfig:
         momentum=spec.momentum,
         weight_decay=spec.weight_decay,
         seed=seed,
+        logit_adjustment=spec.logit_adjustment,
     )
 
 

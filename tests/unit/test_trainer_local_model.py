@@ -19,7 +19,13 @@ from services.trainer.local_model import (
     clip_scale,
     global_arrays,
 )
-from services.trainer.local_round import StepLimit, build_update, round_seed, run_local_round
+from services.trainer.local_round import (
+    StepLimit,
+    build_update,
+    round_seed,
+    run_local_round,
+    train_config,
+)
 from tests.unit.test_trainer_support import global_model, tiny_dataset, tiny_spec
 
 BN_WEIGHT = "features.1.weight"
@@ -212,3 +218,11 @@ def test_an_update_without_any_batch_leaves_the_loss_out_of_its_metrics() -> Non
     assert "train_loss" not in update.metrics
     assert update.update_id == "fixed-id"
     assert update.base_version == 1
+
+
+def test_the_task_spec_logit_adjustment_changes_what_a_local_round_learns() -> None:
+    plain = {t.name: t.to_numpy() for t in _trained().delta(precision="float32")}
+    adjusted_local = _trained({"logit_adjustment": 1.0})
+    adjusted = {t.name: t.to_numpy() for t in adjusted_local.delta(precision="float32")}
+    assert train_config(adjusted_local.spec, seed=0).logit_adjustment == 1.0
+    assert any(not np.array_equal(plain[name], adjusted[name]) for name in plain)

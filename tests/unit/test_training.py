@@ -17,7 +17,9 @@ from services.common import training
 from services.common.data import ImageDataset, load_medmnist
 from services.common.models import build_model
 from services.common.training import (
+    LogitAdjustment,
     TrainConfig,
+    classification_loss,
     evaluate,
     multiclass_auc,
     roc_auc,
@@ -223,3 +225,47 @@ def test_multiclass_auc_is_the_macro_mean_of_one_vs_rest() -> None:
     expected = (1.0 + 0.875 + 1.0) / 3
 
     assert multiclass_auc(probabilities, labels) == pytest.approx(expected)
+
+
+def _three_to_one(size: int = 64) -> ImageDataset:
+    labels = np.array([1, 1, 1, 0] * (size // 4))
+    return ImageDataset(np.zeros((size, 8, 8), dtype=np.uint8), labels)
+
+
+def _constant_logits_after_training(tau: float) -> torch.Tensor:
+    model = _ConstantLogits([0.0, 0.0])
+    config = TrainConfig(epochs=60, batch_size=64, lr=0.5, momentum=0.0, logit_adjustment=tau)
+    train_local(model, _three_to_one(), config)
+    return model.logits.detach()
+
+
+def test_plain_loss_learns_the_local_label_mix_into_the_logits() -> None:
+    logits = _constant_logits_after_training(0.0)
+    assert float(logits[1] - logits[0]) == pytest.approx(math.log(3), abs=0.05)
+
+
+def test_logit_adjusted_loss_learns_scores_free_of_the_local_label_mix() -> None:
+    # The prior (48+1)/(64+2) vs (16+1)/(64+2) is in the loss, so the logits stay balanced
+    logits = _constant_logits_after_training(1.0)
+    assert float(logits[1] - logits[0]) == pytest.approx(math.log(17 / 49) + math.log(3), abs=0.05)
+    assert abs(float(logits[1] - logits[0])) < 0.05
+
+
+def test_a_class_a_site_never_saw_gets_a_finite_offset() -> None:
+    adjustment = LogitAdjustment(np.array([10, 0]), tau=1.0)
+    offset = adjustment.offset(3, torch.device("cpu"))
+    assert torch.isfinite(offset).all()
+    expected = np.log(np.array([11, 1, 1]) / 13)
+    np.testing.assert_allclose(offset.numpy(), expected, rtol=1e-6)
+
+
+def test_without_an_adjustment_the_loss_is_plain_cross_entropy() -> None:
+    logits, labels = torch.tensor([[0.3, -1.0], [2.0, 0.5]]), torch.tensor([1, 0])
+    expected = torch.nn.functional.cross_entropy(logits, labels)
+    assert torch.equal(classification_loss(logits, labels), expected)
+    assert LogitAdjustment.of(_three_to_one(), 0.0) is None
+
+
+def test_a_negative_logit_adjustment_is_refused() -> None:
+    with pytest.raises(ValueError, match="logit_adjustment"):
+        TrainConfig(logit_adjustment=-1.0)
