@@ -39,6 +39,7 @@ from schemas import (
     decode,
     encode,
 )
+from services.aggregator.prefetch import DEFAULT_PREFETCH_BYTES, update_prefetch
 from services.common.bus.pika_bus import tune_socket_reads
 from services.common.logging import configure_logging
 from services.common.settings import DEFAULT_AMQP_URL
@@ -238,27 +239,37 @@ class Cadence:
     name: str
     checkpoint_every: int
     checkpoint_interval: float
-    prefetch: int
+    prefetch: int | None = None
+    """None: the aggregator's own byte-budgeted window (services/aggregator/prefetch.py)."""
     commit_idle_grace: float = 0.0
 
     def env(self) -> dict[str, str]:
         """The `FEDMQ_*` variables that set this cadence."""
-        return {
+        env = {
             "FEDMQ_CHECKPOINT_EVERY": str(self.checkpoint_every),
             "FEDMQ_CHECKPOINT_INTERVAL": str(self.checkpoint_interval),
-            "FEDMQ_PREFETCH": str(self.prefetch),
             "FEDMQ_COMMIT_IDLE_GRACE": str(self.commit_idle_grace),
         }
+        if self.prefetch is not None:
+            env["FEDMQ_PREFETCH"] = str(self.prefetch)
+        return env
+
+    def window(self, message_bytes: int, buffer_size: int = 1) -> int:
+        """Updates the aggregator holds unacked with this cadence (the bare consumer's too)."""
+        return update_prefetch(
+            explicit=self.prefetch, budget_bytes=DEFAULT_PREFETCH_BYTES,
+            message_bytes=message_bytes, buffer_size=buffer_size,
+        )  # fmt: skip
 
 
-DEFAULT_CADENCE = Cadence("default", checkpoint_every=1, checkpoint_interval=2.0, prefetch=16)
-"""The settings' defaults: a checkpoint for every version unless updates queue up."""
+DEFAULT_CADENCE = Cadence("default", checkpoint_every=1, checkpoint_interval=2.0)
+"""The settings' defaults: a checkpoint for every version unless updates queue up, and
+as many updates held as fit in 512 MiB (128 cnn-small, 12 ResNet-18)."""
 PRODUCTION_CADENCE = Cadence(
-    "production", checkpoint_every=8, checkpoint_interval=1.0, prefetch=32, commit_idle_grace=0.05
+    "production", checkpoint_every=8, checkpoint_interval=1.0, commit_idle_grace=0.05
 )
 """For a loaded federation: at most a second or 8 versions not yet durable (a crash
-redelivers at most that much), a commit only after 50 ms without a message, and prefetch
-enough for a commit to cover a FedBuff K=4 batch of versions (32 x 45 MiB at most held)."""
+redelivers at most that much) and a commit only after 50 ms without a message."""
 CADENCES = {c.name: c for c in (DEFAULT_CADENCE, PRODUCTION_CADENCE)}
 
 

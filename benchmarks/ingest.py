@@ -1,7 +1,7 @@
 """Ingest rate of a real aggregator process against a bare pika consumer, through the broker.
 
-    uv run python -m benchmarks.ingest [--models cnn-small,resnet18] [--updates 160]
-        [--resnet-updates 16] [--strategies fedasync,fedbuff] [--cadences default,production]
+    uv run python -m benchmarks.ingest [--models cnn-small,resnet18] [--updates 480]
+        [--resnet-updates 20] [--strategies fedasync,fedbuff] [--cadences default,production]
         [--out ingest.json]
 
 For each case the same pre-encoded valid updates are published into an idle queue first
@@ -78,7 +78,7 @@ def aggregator_drain(
 def measure(model: str, strategy: str, cadence: Cadence, count: int) -> dict[str, Any]:
     """One case: the aggregator's drain next to a bare drain of the same bytes, just before."""
     bodies = UpdateFactory("bench-bare", model).bodies(count)
-    bare_s = baseline(bodies, prefetch=cadence.prefetch)
+    bare_s = baseline(bodies, prefetch=cadence.window(len(bodies[0])))
     del bodies
     agg_s, details = aggregator_drain(model, strategy, cadence, count)
     mib = details["message_mib"] * count
@@ -101,8 +101,8 @@ def measure(model: str, strategy: str, cadence: Cadence, count: int) -> dict[str
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args_parser = parser(__doc__)
     args_parser.add_argument("--models", default="cnn-small,resnet18")
-    args_parser.add_argument("--updates", type=int, default=160, help="per cnn-small case")
-    args_parser.add_argument("--resnet-updates", type=int, default=16, help="per resnet18 case")
+    args_parser.add_argument("--updates", type=int, default=480, help="per cnn-small case")
+    args_parser.add_argument("--resnet-updates", type=int, default=20, help="per resnet18 case")
     args_parser.add_argument("--strategies", default="fedasync,fedbuff")
     args_parser.add_argument("--cadences", default="default,production")
     args = args_parser.parse_args(argv)

@@ -22,6 +22,7 @@ import numpy as np
 from benchmarks.harness import (
     MIB,
     AggregatorProcess,
+    Cadence,
     EventTap,
     UpdateFactory,
     declare_task,
@@ -36,6 +37,9 @@ from benchmarks.harness import (
 from schemas import encode
 
 DRAIN_TIMEOUT_S = 600.0
+MEMORY_CADENCE = Cadence("memory", checkpoint_every=1, checkpoint_interval=2.0, prefetch=16)
+"""A fixed window of 16 updates (2K when larger), so the fit isolates model size x K; the
+default window is a byte budget (512 MiB), which bounds it independently of K."""
 CHUNKS = 4
 TRAINERS_BUFFER = 4
 """FedBuff K of part 2; chunks are whole buffers, so every chunk ends in a durable version."""
@@ -53,8 +57,9 @@ def buffer_case(model: str, buffer_size: int, workdir: Path) -> dict[str, Any]:
     queue = declare_task(task_id)
     args = ["--buffer-size", str(buffer_size)]
     agg = AggregatorProcess(
-        task_id, model=model, strategy="fedbuff", extra_args=args, workdir=workdir
-    )
+        task_id, model=model, strategy="fedbuff", extra_args=args, workdir=workdir,
+        cadence=MEMORY_CADENCE,
+    )  # fmt: skip
     try:
         with EventTap(task_id) as tap:
             agg.wait_consuming(queue)
@@ -69,7 +74,7 @@ def buffer_case(model: str, buffer_size: int, workdir: Path) -> dict[str, Any]:
         "model": model,
         "model_mib": round(model_bytes(model) / MIB, 2),
         "buffer_size": buffer_size,
-        "prefetch": max(16, 2 * buffer_size),
+        "prefetch": MEMORY_CADENCE.window(model_bytes(model), buffer_size),
         "updates": count,
         "rss_start_mib": round(base / MIB, 1),
         "peak_rss_mib": round(peak / MIB, 1),
@@ -98,7 +103,9 @@ def trainers_case(trainers: int, updates: int, workdir: Path) -> dict[str, Any]:
     queue = declare_task(task_id)
     factory = UpdateFactory(task_id, "cnn-small")
     args = ["--buffer-size", str(TRAINERS_BUFFER)]
-    agg = AggregatorProcess(task_id, strategy="fedbuff", extra_args=args, workdir=workdir)
+    agg = AggregatorProcess(
+        task_id, strategy="fedbuff", extra_args=args, workdir=workdir, cadence=MEMORY_CADENCE
+    )
     chunk = max(1, updates // CHUNKS // TRAINERS_BUFFER) * TRAINERS_BUFFER
     samples = []
     try:

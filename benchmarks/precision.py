@@ -54,7 +54,7 @@ def ingest_rates(count: int) -> list[dict[str, Any]]:
     rows = []
     for precision in PRECISIONS:
         bodies = UpdateFactory("bench-bare", "cnn-small", precision=precision).bodies(count)
-        bare_s = baseline(bodies, prefetch=DEFAULT_CADENCE.prefetch)
+        bare_s = baseline(bodies, prefetch=DEFAULT_CADENCE.window(len(bodies[0])))
         agg_s, details = aggregator_drain(
             "cnn-small", "fedasync", DEFAULT_CADENCE, count, precision=precision
         )

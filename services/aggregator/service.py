@@ -41,6 +41,7 @@ from services.aggregator.committer import Commit, Committer
 from services.aggregator.core import AggregatorCore, global_model_of
 from services.aggregator.identity import SenderCheck, sender_check
 from services.aggregator.metrics import AggregatorMetrics
+from services.aggregator.prefetch import update_bytes, update_prefetch
 from services.aggregator.registry import TrainerRegistry
 from services.aggregator.settings import AggregatorSettings
 from services.aggregator.strategies.base import StepResult
@@ -135,8 +136,13 @@ class AggregatorService:
 
     @property
     def prefetch(self) -> int:
-        """Updates held unacked at once: at least twice the strategy's buffer."""
-        return max(self._settings.prefetch, 2 * self._core.strategy.buffer_size)
+        """Updates held unacked at once (services/aggregator/prefetch.py)."""
+        return update_prefetch(
+            explicit=self._settings.prefetch,
+            budget_bytes=self._settings.prefetch_bytes,
+            message_bytes=update_bytes(self._core.layout.size, self._task.spec.precision),
+            buffer_size=self._core.strategy.buffer_size,
+        )
 
     def stop(self) -> None:
         """Ask the engine to finish: it commits what it has and returns from `run`."""
@@ -254,7 +260,7 @@ class AggregatorService:
             delivery = self._pending.held.pop(update_id, None)
             if delivery is not None:
                 self._pending.to_ack.append(delivery)
-        self._log.info("model_stepped", version=self._core.version, applied=len(step.applied))
+        self._log.debug("model_stepped", version=self._core.version, applied=len(step.applied))
 
     def _decode(self, delivery: Delivery, cls: type[M]) -> M:
         limit = self._settings.max_message_bytes

@@ -9,6 +9,7 @@ from pydantic import Field
 from schemas import DEFAULT_MAX_MESSAGE_BYTES
 from services.aggregator.accounting import DEFAULT_DELTA
 from services.aggregator.identity import DEFAULT_REPLAY_WINDOW_S
+from services.aggregator.prefetch import DEFAULT_PREFETCH_BYTES
 from services.aggregator.registry import DEFAULT_TRAINER_TIMEOUT_S
 from services.common.settings import ServiceSettings
 
@@ -26,8 +27,11 @@ class AggregatorSettings(ServiceSettings):
     commit_idle_grace: float = Field(default=0.0, ge=0.0)
     """... or when no message arrived for this many seconds (0: as soon as the inbox is
     empty, lowest latency; under a steady stream 0.05 lets one commit cover many versions)."""
-    prefetch: int = Field(default=16, ge=1)
-    """Unacked updates held at once; raised to twice the strategy's buffer when smaller."""
+    prefetch: int | None = Field(default=None, ge=1)
+    """Unacked updates held at once (None: as many as fit in `prefetch_bytes`, at most 128);
+    raised to twice the strategy's buffer when smaller."""
+    prefetch_bytes: int = Field(default=DEFAULT_PREFETCH_BYTES, gt=0)
+    """Byte budget of the unacked updates when `prefetch` is not set."""
     max_message_bytes: int = Field(default=DEFAULT_MAX_MESSAGE_BYTES, gt=0)
     trainer_timeout: float = Field(default=DEFAULT_TRAINER_TIMEOUT_S, gt=0.0)
     aggregator_id: str = "aggregator"
