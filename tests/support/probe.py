@@ -77,8 +77,12 @@ class FederationProbe:
         while True:
             try:
                 reply = call_message(
-                    self.bus, CONTROL_EXCHANGE, join_key(self.task_id), request,
-                    accept=(JoinAccepted, Rejection), timeout=5.0,
+                    self.bus,
+                    CONTROL_EXCHANGE,
+                    join_key(self.task_id),
+                    request,
+                    accept=(JoinAccepted, Rejection),
+                    timeout=5.0,
                 )
             except Exception:
                 if time.monotonic() > deadline:
@@ -89,8 +93,13 @@ class FederationProbe:
             return reply
 
     def update(
-        self, model: GlobalModel, fill: float, *, base_version: int | None = None,
-        num_examples: int = 100, **fields: object,
+        self,
+        model: GlobalModel,
+        fill: float,
+        *,
+        base_version: int | None = None,
+        num_examples: int = 100,
+        **fields: object,
     ) -> ModelUpdate:
         """An update whose delta is `fill` in every float coordinate of `model`."""
         delta = tuple(

@@ -280,10 +280,17 @@ def test_aggregator_may_declare_and_consume_its_topology_and_no_follower_queue()
         {e.name for e in topology.exchanges} | own_queues | {DEAD_QUEUE}
     )
     assert _granted(definitions, "aggregator", "read") == own_queues | {
-        UPDATES_EXCHANGE, CONTROL_EXCHANGE, EVENTS_EXCHANGE, DEAD_LETTER_EXCHANGE,
+        UPDATES_EXCHANGE,
+        CONTROL_EXCHANGE,
+        EVENTS_EXCHANGE,
+        DEAD_LETTER_EXCHANGE,
     }
     assert _granted(definitions, "aggregator", "write") == own_queues | {
-        MODELS_EXCHANGE, EVENTS_EXCHANGE, DEAD_LETTER_EXCHANGE, DEAD_QUEUE, "amq.default",
+        MODELS_EXCHANGE,
+        EVENTS_EXCHANGE,
+        DEAD_LETTER_EXCHANGE,
+        DEAD_QUEUE,
+        "amq.default",
     }
 
 

@@ -122,7 +122,8 @@ def _ignored(patterns: list[str], path: str) -> bool:
     parts = path.split("/")
     prefixes = ["/".join(parts[: i + 1]) for i in range(len(parts))]
     return any(
-        fnmatch.fnmatch(prefix, pattern) or fnmatch.fnmatch(prefix, pattern.removeprefix("**/"))
+        fnmatch.fnmatch(prefix, pattern)
+        or fnmatch.fnmatch(prefix, pattern.removeprefix("**/"))
         or fnmatch.fnmatch(parts[-1], pattern.removeprefix("**/"))
         for pattern in patterns
         for prefix in prefixes
@@ -136,9 +137,17 @@ def _ignore_patterns() -> list[str]:
 
 @pytest.mark.parametrize(
     "path",
-    [".venv/bin/python", ".git/HEAD", "runs/x/ckpt.bin", "data/pneumoniamnist.npz",
-     "services/sub/cached.npz", ".pytest_cache/v", ".mypy_cache/x", "infra/secrets/dev/aggregator",
-     "services/__pycache__/cli.cpython-311.pyc"],
+    [
+        ".venv/bin/python",
+        ".git/HEAD",
+        "runs/x/ckpt.bin",
+        "data/pneumoniamnist.npz",
+        "services/sub/cached.npz",
+        ".pytest_cache/v",
+        ".mypy_cache/x",
+        "infra/secrets/dev/aggregator",
+        "services/__pycache__/cli.cpython-311.pyc",
+    ],
 )
 def test_build_context_leaves_out_environments_data_runs_secrets_and_caches(path: str) -> None:
     assert _ignored(_ignore_patterns(), path)

@@ -157,8 +157,10 @@ def test_stopping_ends_the_loop_and_announces_leaving() -> None:
     running = Background(trainer.run)
     # Heartbeats tick on their own clock: wait until one has caught a round in progress.
     wait_until(
-        lambda: trainer.updates_sent >= 2
-        and "training" in {b.state for b in aggregator.events(Heartbeat)}
+        lambda: (
+            trainer.updates_sent >= 2
+            and "training" in {b.state for b in aggregator.events(Heartbeat)}
+        )
     )
 
     # When it is asked to stop
