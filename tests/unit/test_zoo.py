@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import Iterator
 
 import numpy as np
@@ -22,7 +24,8 @@ from services.common.models import (
     state_entries,
 )
 
-MODELS = ("cnn-small", "mobilenet_v2", "mobilenet_v3_small", "resnet18")
+MODELS = ("cnn-small", "cnn-small-gn", "mobilenet_v2", "mobilenet_v3_small", "resnet18")
+BATCHNORM_MODELS = tuple(m for m in MODELS if m != "cnn-small-gn")
 
 
 @pytest.fixture(autouse=True)
@@ -34,7 +37,7 @@ def one_torch_thread() -> Iterator[None]:
     torch.set_num_threads(threads)
 
 
-def test_the_zoo_offers_the_four_documented_models() -> None:
+def test_the_zoo_offers_the_documented_models() -> None:
     assert set(available_models()) == set(MODELS)
 
 
@@ -56,7 +59,7 @@ def test_model_runs_forward_and_backward_on_28_pixel_images(name: str, in_channe
     assert any(bool(g.abs().sum() > 0) for g in grads if g is not None)
 
 
-@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("name", BATCHNORM_MODELS)
 def test_batchnorm_prefixes_name_every_batchnorm_module_and_nothing_else(name: str) -> None:
     model = build_model(name, num_classes=2, in_channels=1, image_size=28, seed=0)
     modules = dict(model.named_modules())
@@ -184,3 +187,22 @@ def test_read_only_big_endian_float64_arrays_load_as_their_values() -> None:
     load_state_arrays(model, arrays)
 
     assert model.state_dict()["classifier.4.bias"].tolist() == [0.25, -0.5]
+
+
+def test_cnn_small_gn_has_group_norm_and_no_running_statistics() -> None:
+    model = build_model("cnn-small-gn", num_classes=2, in_channels=1, image_size=28, seed=0)
+    assert any(isinstance(m, nn.GroupNorm) for m in model.modules())
+    assert not any(name.endswith("running_mean") for name, _ in model.named_buffers())
+    assert batchnorm_prefixes(model) == set()
+
+
+def test_building_cnn_small_does_not_import_torchvision() -> None:
+    code = (
+        "import sys\n"
+        "from services.common.models import build_model\n"
+        "build_model('cnn-small', num_classes=2, in_channels=1, image_size=28)\n"
+        "print('torchvision' in sys.modules)\n"
+    )
+    command = [sys.executable, "-c", code]
+    result = subprocess.run(command, capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "False"
