@@ -140,7 +140,10 @@ def _dead_letters_of(
         dead.extend(d for d in found if federation.task_id in d.routing_key)
         return len(dead) >= expected
 
-    wait_for(enough, timeout=240, interval=1.0, what=f"{expected} dead letters")
+    try:
+        wait_for(enough, timeout=240, interval=1.0, what=f"{expected} dead letters")
+    except AssertionError as timeout:
+        raise AssertionError(f"{timeout} (found {len(dead)})") from None
     return dead
 
 
