@@ -783,7 +783,6 @@ class PikaBus(Bus):
         except ConnectionLost:
             for delivery, handle in live:
                 if not handle.settled:
-                    handle.settled = True
                     _log_dropped(action, delivery)
 
     # -- consumers -------------------------------------------------------------------------
