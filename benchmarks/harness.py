@@ -40,7 +40,7 @@ from schemas import (
     encode,
 )
 from services.aggregator.prefetch import DEFAULT_PREFETCH_BYTES, update_prefetch
-from services.common.bus.pika_bus import tune_socket_reads
+from services.common.bus.pika_connect import tune_socket_reads
 from services.common.logging import configure_logging
 from services.common.settings import DEFAULT_AMQP_URL
 from services.common.topology import (

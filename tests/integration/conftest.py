@@ -15,7 +15,8 @@ from urllib.parse import urlsplit, urlunsplit
 import pika
 import pytest
 
-from services.common.bus.pika_bus import PikaBus, ReconnectPolicy
+from services.common.bus.pika_bus import PikaBus
+from services.common.bus.pika_connect import ReconnectPolicy
 from tests.conftest import BrokerNames
 from tests.support.tls_broker import TlsBroker, require_rabbitmq_installed, running_tls_broker
 

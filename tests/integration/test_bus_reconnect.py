@@ -10,10 +10,10 @@ import pytest
 from structlog.testing import capture_logs
 
 from services.common.bus import ConnectionLost, Delivery
-from services.common.bus.pika_bus import (
+from services.common.bus.pika_bus import PikaBus
+from services.common.bus.pika_connect import (
     RECONNECT_MAX_ATTEMPTS,
     RECONNECT_MAX_DELAY_S,
-    PikaBus,
     ReconnectPolicy,
 )
 from services.common.topology import (

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from services.common.bus import TlsError, TransportError
-from services.common.bus.pika_bus import PikaBus, connection_parameters, redact_url
+from services.common.bus.pika_bus import PikaBus
+from services.common.bus.pika_connect import connection_parameters, redact_url
 from services.common.topology import QueueSpec, Topology
 from tests.integration.conftest import FAST_RECONNECT, wait_for
 from tests.support.pki import make_ca

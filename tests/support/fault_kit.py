@@ -26,7 +26,8 @@ import pika
 import pika.exceptions
 
 from services.aggregator.checkpoint import Checkpoint, CheckpointStore
-from services.common.bus.pika_bus import PikaBus, ReconnectPolicy
+from services.common.bus.pika_bus import PikaBus
+from services.common.bus.pika_connect import ReconnectPolicy
 from services.common.topology import DEAD_QUEUE, DETAIL_HEADER, REASON_HEADER
 from tests.support.private_broker import free_port
 from tests.support.processes import ServiceProcess, wait_for

@@ -15,7 +15,7 @@ import pika.exceptions
 import pytest
 
 from services.common.bus import ConnectionLost, TlsError
-from services.common.bus.pika_bus import connection_parameters, open_connection
+from services.common.bus.pika_connect import connection_parameters, open_connection
 from tests.support.pki import make_ca
 
 WHERE = "amqps://site:***@broker:5671/fedmq"

@@ -21,7 +21,8 @@ from services.common.bus.errors import (
     Unroutable,
 )
 from services.common.bus.memory import InMemoryBus
-from services.common.bus.pika_bus import PikaBus, ReconnectPolicy
+from services.common.bus.pika_bus import PikaBus
+from services.common.bus.pika_connect import ReconnectPolicy
 
 __all__ = [
     "CONTENT_TYPE",
