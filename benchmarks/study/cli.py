@@ -55,6 +55,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--logit-adjustment", type=float, default=LocalRecipe.logit_adjustment,
         help="tau of the logit-adjusted loss (sites and centralized alike)",
     )  # fmt: skip
+    parser.add_argument(
+        "--uniform-weights", action="store_true",
+        help="FedBuff weighs updates alike in the straggler and partition studies",
+    )  # fmt: skip
     parser.add_argument("--bandwidth", type=float, default=100.0, help="Mbit/s per site")
     parser.add_argument(
         "--seconds-per-sample", type=float, help="pin the speed instead of measuring it"
@@ -84,7 +88,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         ),
         bandwidth_mbit_s=args.bandwidth,
     )
-    options = StudyOptions(seed=args.seed, noise=args.noise, dp_clip=args.dp_clip, sites=args.sites)
+    options = StudyOptions(
+        seed=args.seed, noise=args.noise, dp_clip=args.dp_clip, sites=args.sites,
+        uniform_weights=args.uniform_weights,
+    )  # fmt: skip
     specs = STUDIES[args.study](options)
     if args.only:
         specs = [s for s in specs if s.name in args.only or slug(s.name) in args.only]

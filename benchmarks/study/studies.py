@@ -31,6 +31,9 @@ class StudyOptions:
     noise: Sequence[float] = DEFAULT_NOISE
     dp_clip: float = DEFAULT_DP_CLIP
     sites: int = 8
+    uniform_weights: bool = False
+    """FedBuff in the straggler and partition studies weighs every update alike (each site
+    trains the same number of steps), the setting the remedies study adopted."""
 
 
 def fedbuff(seed: int, **overrides: object) -> StrategyConfig:
@@ -79,13 +82,27 @@ def remedies(options: StudyOptions) -> list[RunSpec]:
             f"FedBuff K={ROBUST_BUFFER}, uniform weights",
             fedbuff(s, buffer_size=ROBUST_BUFFER, sample_weighted=False),
         ),
+        # Half a step per version: the last buffer's sites move the decision threshold half
+        # as far, where momentum (above) carried their pull into the versions after.
+        RunSpec(
+            "FedBuff K=4, uniform weights, server lr 0.5",
+            fedbuff(s, sample_weighted=False, server_lr=0.5),
+        ),
     ]
+
+
+def _study_fedbuff(options: StudyOptions) -> tuple[str, StrategyConfig]:
+    """FedBuff K=4 as the straggler and partition studies run it: its name and settings."""
+    if options.uniform_weights:
+        return "FedBuff K=4, uniform weights", fedbuff(options.seed, sample_weighted=False)
+    return "FedBuff K=4", fedbuff(options.seed)
 
 
 def stragglers(options: StudyOptions) -> list[RunSpec]:
     s = options.seed
+    name, config = _study_fedbuff(options)
     return [
-        RunSpec("FedBuff K=4, 2 stragglers", fedbuff(s), stragglers=2),
+        RunSpec(f"{name}, 2 stragglers", config, stragglers=2),
         RunSpec("FedAsync a=0.6, 2 stragglers", fedasync(s), stragglers=2),
         RunSpec("FedAvg barrier, 2 stragglers", fedavg(s, options.sites), stragglers=2),
     ]
@@ -94,7 +111,8 @@ def stragglers(options: StudyOptions) -> list[RunSpec]:
 def partitions(options: StudyOptions) -> list[RunSpec]:
     s = options.seed
     cuts = (Partition("iid", seed=s), Partition(alpha=0.5, seed=s), Partition(alpha=0.1, seed=s))
-    return [RunSpec(f"FedBuff K=4, {cut.label}", fedbuff(s), partition=cut) for cut in cuts]
+    name, config = _study_fedbuff(options)
+    return [RunSpec(f"{name}, {cut.label}", config, partition=cut) for cut in cuts]
 
 
 def dp(options: StudyOptions) -> list[RunSpec]:

@@ -62,6 +62,12 @@ def register(subcommands: Any) -> None:
     parser.add_argument("--checkpoint-every", type=int)
     parser.add_argument("--metrics-port", type=int)
     parser.add_argument("--fedbn", action="store_true", help="keep BatchNorm local to sites")
+    parser.add_argument(
+        "--uniform-weights",
+        action="store_true",
+        help="weigh buffered updates alike, not by site size (sites that train the same "
+        "number of local steps do the same work)",
+    )
     parser.add_argument("--trainer-keys", type=Path, help="trainers' public keys (file or dir)")
     parser.add_argument(
         "--require-user-id-match",
@@ -102,7 +108,10 @@ def task_from_args(args: argparse.Namespace, settings: AggregatorSettings) -> Ta
     spec.update(_given(args, _SPEC_FLAGS))
     if args.fedbn:
         spec["fedbn"] = True
-    definition = {"spec": spec, "strategy": _given(args, _STRATEGY_FLAGS)}
+    strategy = _given(args, _STRATEGY_FLAGS)
+    if args.uniform_weights:
+        strategy["sample_weighted"] = False
+    definition = {"spec": spec, "strategy": strategy}
     return _with_signatures(
         with_consistent_spec(TaskDefinition.model_validate(definition)), settings
     )
