@@ -16,12 +16,18 @@ from services.common.bus import Bus
 from services.common.bus.pika_bus import PikaBus
 from services.common.settings import DEFAULT_AMQP_URL
 from services.common.topology import control_queue, updates_queue
+from tests.support.fault_kit import log_events, wait_serving
 from tests.support.probe import FederationProbe
 from tests.support.processes import ServiceProcess
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
 
 ALPHA = 0.5
+SLOW_COMMITS = {
+    "FEDMQ_COMMIT_IDLE_GRACE": "5",
+    "FEDMQ_CHECKPOINT_EVERY": "1000",
+    "FEDMQ_CHECKPOINT_INTERVAL": "600",
+}
 
 
 @pytest.fixture
@@ -37,7 +43,13 @@ def bus(task_id: str) -> Iterator[Bus]:
             connected.delete_queue(queue)
 
 
-def _start_aggregator(task_id: str, tmp_path: Path, *extra: str) -> ServiceProcess:
+def _start_aggregator(
+    task_id: str,
+    tmp_path: Path,
+    *extra: str,
+    log_name: str = "aggregator.log",
+    env: dict[str, str] | None = None,
+) -> ServiceProcess:
     return ServiceProcess(
         [
             "aggregator",
@@ -55,8 +67,14 @@ def _start_aggregator(task_id: str, tmp_path: Path, *extra: str) -> ServiceProce
             "constant",
             *extra,
         ],
-        log_path=tmp_path / "aggregator.log",
+        log_path=tmp_path / log_name,
+        env=env,
     )
+
+
+def _resumed_version(process: ServiceProcess) -> int:
+    resumed = log_events(process, "resuming_from_checkpoint")
+    return resumed[0]["version"] if resumed else 0
 
 
 def _floats(model: GlobalModel) -> np.ndarray:
@@ -153,20 +171,35 @@ def test_bad_updates_land_in_the_dead_letter_queue_with_their_reason(
 def test_an_aggregator_killed_mid_stream_applies_every_update_exactly_once(
     bus: Bus, task_id: str, tmp_path: Path
 ) -> None:
-    # Given 40 distinct updates already confirmed into the durable updates queue
-    processes = [_start_aggregator(task_id, tmp_path)]
+    # Given an aggregator that makes versions durable only after 5 quiet seconds, so that a
+    # burst of updates is applied in memory, unacked and not yet checkpointed for a while
+    def start_aggregator() -> ServiceProcess:
+        process = _start_aggregator(
+            task_id, tmp_path, log_name=f"aggregator-{len(processes)}.log", env=SLOW_COMMITS
+        )
+        processes.append(process)
+        wait_serving(process)
+        return process
+
+    processes: list[ServiceProcess] = []
     try:
+        aggregator = start_aggregator()
         probe = FederationProbe(bus, task_id, "site-c")
         start = probe.join().model
         fills = [0.001 * (i + 1) for i in range(40)]
-        for fill in fills:
-            probe.publish(probe.update(start, fill, base_version=0))
-        # When the aggregator is SIGKILLed twice in the middle of the stream and restarted
-        for reached in (8, 20):
-            probe.newest_model(min_version=reached, timeout=90)
-            processes[-1].kill()
-            processes.append(_start_aggregator(task_id, tmp_path))
-        final = probe.newest_model(min_version=40, timeout=180)
+        bursts = [fills[i : i + 10] for i in range(0, 40, 10)]
+        # When every other burst is followed at once by a SIGKILL, and a restart
+        for index, burst in enumerate(bursts):
+            for fill in burst:
+                probe.publish(probe.update(start, fill, base_version=0))
+            if index % 2 == 0:
+                assert probe.newest_model(min_version=10 * (index + 1)).version == 10 * (index + 1)
+                continue
+            aggregator.kill()
+            assert probe.newest_model().version == 10 * index  # the burst died undurable
+            aggregator = start_aggregator()
+            assert _resumed_version(aggregator) == 10 * index
+        final = probe.newest_model(min_version=40, timeout=60)
     finally:
         for process in processes:
             if process.alive():
