@@ -298,12 +298,12 @@ class AggregatorService:
         try:
             request = self._decode(delivery, JoinRequest)
         except DecodeError as error:
-            self._dead_letter(delivery, error.reason.value, error.detail)
+            # The caller waits on its reply-to: tell it why instead of letting it time out.
+            self._refuse_join(delivery, error.reason.value, error.detail)
             return
         if request.task_id != self._task.task_id or self._published is None:
             detail = f"no task {request.task_id!r} is served here"
-            self._reply(delivery, Rejection(reason="unknown-task", detail=detail))
-            self._dead_letter(delivery, "unknown-task", detail)
+            self._refuse_join(delivery, "unknown-task", detail, request=request)
             return
         if request.role == "trainer" and self._registry.join(
             request.trainer_id, num_examples=request.num_examples, now=self._clock()
@@ -311,6 +311,20 @@ class AggregatorService:
             self._announce_join(request.trainer_id, num_examples=request.num_examples)
         self._reply(delivery, JoinAccepted(spec=self._task.spec, model=self._published))
         self._bus.ack(delivery)
+
+    def _refuse_join(
+        self, delivery: Delivery, reason: str, detail: str, *, request: JoinRequest | None = None
+    ) -> None:
+        """Answer a join with a `Rejection` on its reply-to, then dead-letter the request."""
+        rejection = Rejection(
+            reason=reason,
+            detail=detail[:4096],
+            task_id=request.task_id if request else None,
+            trainer_id=request.trainer_id if request else None,
+            message_id=_safe_id(delivery.message_id),
+        )
+        self._reply(delivery, rejection)
+        self._dead_letter(delivery, reason, detail)
 
     def _reply(self, request: Delivery, message: BaseModel) -> None:
         if not request.properties.reply_to:

@@ -7,10 +7,20 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import msgpack
 import numpy as np
 import pytest
 
-from schemas import SCHEMA_HEADER, SCHEMA_VERSION, ModelUpdate, Rejection, TaskSpec, Tensor, encode
+from schemas import (
+    SCHEMA_HEADER,
+    SCHEMA_VERSION,
+    JoinRequest,
+    ModelUpdate,
+    Rejection,
+    TaskSpec,
+    Tensor,
+    encode,
+)
 from services.aggregator.checkpoint import CheckpointStore
 from services.aggregator.core import AggregatorCore
 from services.aggregator.layout import ParamLayout
@@ -23,6 +33,7 @@ from services.common.bus import Delivery
 from services.common.bus.memory import InMemoryBus
 from services.common.messaging import decode_delivery
 from services.common.topology import (
+    CONTROL_EXCHANGE,
     DEAD_LETTER_EXCHANGE,
     EVENTS_EXCHANGE,
     REASON_HEADER,
@@ -30,6 +41,7 @@ from services.common.topology import (
     BindingSpec,
     QueueSpec,
     Topology,
+    join_key,
     task_topology,
     update_key,
 )
@@ -120,6 +132,64 @@ def test_a_message_id_of_non_ascii_digits_or_letters_is_dead_lettered_without_a_
     assert rejection.message_id is None and rejection.update_id == update.update_id
     assert thread.is_alive()
     assert service.core.updates_rejected == 1
+
+
+_JOIN_FIELDS = {"schema": SCHEMA_VERSION, "kind": "join_request", "task_id": "t"}
+
+
+@pytest.mark.parametrize(
+    ("body", "reason"),
+    [
+        (b"\xc1 not msgpack", "not-msgpack"),
+        (msgpack.packb({**_JOIN_FIELDS, "trainer_id": "site-a"}), "invalid-field"),
+        (msgpack.packb({**_JOIN_FIELDS, "kind": "model_update"}), "wrong-kind"),
+        (msgpack.packb({**_JOIN_FIELDS, "schema": 99}), "schema-version"),
+    ],
+)
+def test_a_join_that_cannot_be_decoded_gets_a_rejection_reply_with_its_reason(
+    served: tuple[InMemoryBus, AggregatorService, threading.Thread], body: bytes, reason: str
+) -> None:
+    bus, _service, thread = served
+    # Given a join request the aggregator cannot decode (no num_examples, garbage, ...)
+    # When a caller sends it and waits on its reply-to
+    reply = bus.call(
+        CONTROL_EXCHANGE,
+        join_key("t"),
+        body,
+        kind="join_request",
+        headers={SCHEMA_HEADER: SCHEMA_VERSION},
+        timeout=10.0,
+    )
+    # Then the reply is a Rejection naming the reason, and the request is dead-lettered too
+    rejection = decode_delivery(reply, (Rejection,))
+    assert (rejection.reason, rejection.task_id) == (reason, None)
+    assert rejection.detail
+    assert _take(bus, "test.dead").properties.headers[REASON_HEADER] == reason
+    assert thread.is_alive()
+
+
+def test_a_join_for_another_task_gets_a_rejection_naming_the_task_and_trainer(
+    served: tuple[InMemoryBus, AggregatorService, threading.Thread],
+) -> None:
+    bus, _service, _thread = served
+    # Given a well-formed join for a task this aggregator does not serve
+    request = JoinRequest(task_id="elsewhere", trainer_id="site-a", num_examples=3)
+    # When it is sent to this aggregator's control queue
+    reply = bus.call(
+        CONTROL_EXCHANGE,
+        join_key("t"),
+        encode(request),
+        kind="join_request",
+        headers={SCHEMA_HEADER: SCHEMA_VERSION},
+        timeout=10.0,
+    )
+    # Then the Rejection says unknown-task, for that task and trainer
+    rejection = decode_delivery(reply, (Rejection,))
+    assert (rejection.reason, rejection.task_id, rejection.trainer_id) == (
+        "unknown-task",
+        "elsewhere",
+        "site-a",
+    )
 
 
 def test_a_float64_delta_that_overflows_float32_is_refused_as_non_finite() -> None:
