@@ -91,6 +91,29 @@ def remedies(options: StudyOptions) -> list[RunSpec]:
     ]
 
 
+def stable(options: StudyOptions) -> list[RunSpec]:
+    """Candidate stable recipes under label skew and 2 stragglers, uniform weights throughout."""
+    s = options.seed
+    uniform = {"sample_weighted": False}
+    return [
+        RunSpec("K=4, server lr 0.5", fedbuff(s, **uniform, server_lr=0.5), stragglers=2),
+        RunSpec("K=4, server lr 0.25", fedbuff(s, **uniform, server_lr=0.25), stragglers=2),
+        RunSpec(
+            "K=8, server lr 0.5", fedbuff(s, **uniform, buffer_size=8, server_lr=0.5), stragglers=2
+        ),
+        RunSpec(
+            "K=4, FedAdam lr 0.001",
+            fedbuff(s, **uniform, server_optimizer="adam", server_lr=0.001),
+            stragglers=2,
+        ),
+        RunSpec(
+            "K=4, FedAvgM 0.5 lr 0.25",
+            fedbuff(s, **uniform, server_optimizer="momentum", server_momentum=0.5, server_lr=0.25),
+            stragglers=2,
+        ),
+    ]
+
+
 def _study_fedbuff(options: StudyOptions) -> tuple[str, StrategyConfig]:
     """FedBuff K=4 as the straggler and partition studies run it: its name and settings."""
     if options.uniform_weights:
@@ -149,6 +172,7 @@ STUDIES: dict[str, Callable[[StudyOptions], list[RunSpec]]] = {
     "strategies": strategies,
     "stragglers": stragglers,
     "remedies": remedies,
+    "stable": stable,
     "partitions": partitions,
     "dp": dp,
     "byzantine": byzantine,

@@ -76,17 +76,7 @@ class CheckpointStore:
 
     def save(self, checkpoint: Checkpoint) -> Path:
         """Write atomically (temp file, fsync, rename, fsync directory); prune old ones."""
-        target = self.directory / f"checkpoint-{checkpoint.version:012d}.ckpt"
-        handle, temp_name = tempfile.mkstemp(dir=self.directory, prefix=".partial-")
-        try:
-            with os.fdopen(handle, "wb", buffering=0) as stream:
-                _write(stream, checkpoint)
-                os.fsync(stream.fileno())
-            os.replace(temp_name, target)
-        except BaseException:
-            Path(temp_name).unlink(missing_ok=True)
-            raise
-        _fsync_directory(self.directory)
+        target = write_checkpoint(self.directory, checkpoint)
         self._prune()
         return target
 
@@ -118,6 +108,27 @@ class CheckpointStore:
     def _prune(self) -> None:
         for path in self._paths()[: -self.keep]:
             path.unlink(missing_ok=True)
+
+
+def checkpoint_name(version: int) -> str:
+    """The file name of the checkpoint of `version` (`checkpoint-000000000042.ckpt`)."""
+    return f"checkpoint-{version:012d}.ckpt"
+
+
+def write_checkpoint(directory: Path, checkpoint: Checkpoint) -> Path:
+    """Write `checkpoint` into `directory` atomically (temp, fsync, rename, fsync directory)."""
+    target = directory / checkpoint_name(checkpoint.version)
+    handle, temp_name = tempfile.mkstemp(dir=directory, prefix=".partial-")
+    try:
+        with os.fdopen(handle, "wb", buffering=0) as stream:
+            _write(stream, checkpoint)
+            os.fsync(stream.fileno())
+        os.replace(temp_name, target)
+    except BaseException:
+        Path(temp_name).unlink(missing_ok=True)
+        raise
+    _fsync_directory(directory)
+    return target
 
 
 def load_checkpoint(path: Path) -> Checkpoint:

@@ -92,7 +92,14 @@ class Federation:
                 *plan.aggregator_flags,
             ],
         )
-        self._spawn("evaluator", ["evaluator"], {"FEDMQ_LOG_PATH": str(self.eval_log)})
+        self._spawn(
+            "evaluator",
+            ["evaluator"],
+            {
+                "FEDMQ_LOG_PATH": str(self.eval_log),
+                "FEDMQ_CHECKPOINT_DIR": str(plan.run_dir / "checkpoints"),
+            },
+        )
         for index in range(plan.trainers if trainers is None else trainers):
             self.add_trainer(index)
 

@@ -38,14 +38,19 @@ class FederationStatus:
     rejected_by_trainer: Counter[str] = field(default_factory=Counter)
 
     @property
+    def test_evaluations(self) -> list[EvalReport]:
+        """The evaluations on the `test` split (the evaluator also reports `val`)."""
+        return [r for r in self.evaluations if r.split == "test"]
+
+    @property
     def latest_eval(self) -> EvalReport | None:
-        """The evaluation of the newest version evaluated so far."""
-        return max(self.evaluations, key=lambda r: r.version, default=None)
+        """The test evaluation of the newest version evaluated so far."""
+        return max(self.test_evaluations, key=lambda r: r.version, default=None)
 
     @property
     def best_accuracy(self) -> float | None:
-        """Best test accuracy over every evaluated version."""
-        return max((r.accuracy for r in self.evaluations), default=None)
+        """Best test accuracy over every evaluated version (an optimistic bound)."""
+        return max((r.accuracy for r in self.test_evaluations), default=None)
 
     @property
     def active_trainers(self) -> int:

@@ -18,13 +18,29 @@ _FLAGS: tuple[SettingFlag, ...] = (
     *COMMON_FLAGS,
     ("--task-id", "task_id", str, "task to follow (default: FEDMQ_TASK_ID)"),
     ("--evaluator-id", "evaluator_id", str, "names the follower queue (default: evaluator)"),
-    ("--split", "split", str, "held-out split to evaluate on (default: test)"),
+    ("--split", "split", str, "split scored and selected by (default: val)"),
+    (
+        "--test-split",
+        "test_split",
+        str,
+        "also scored, never selects; none: skip (default: test)",
+    ),
+    (
+        "--test-every",
+        "test_every",
+        int,
+        "score the test split every n-th evaluation (default 1)",
+    ),
+    ("--checkpoint-dir", "checkpoint_dir", Path, "keep the best version on val in <dir>/best/"),
     ("--every-n-versions", "every_n_versions", int, "evaluate every n-th version (default 1)"),
     ("--min-interval", "min_interval", float, "at most one evaluation per this many seconds"),
     ("--log-path", "log_path", Path, "JSONL log (default: runs/<task>/eval.jsonl)"),
     ("--batch-size", "batch_size", int, "evaluation batch size"),
 )
-_CHOICES: dict[str, tuple[str, ...]] = {"split": ("train", "val", "test")}
+_CHOICES: dict[str, tuple[str, ...]] = {
+    "split": ("train", "val", "test"),
+    "test_split": ("train", "val", "test", "none"),
+}
 
 
 def register(subcommands: Any) -> None:

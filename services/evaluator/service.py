@@ -16,11 +16,12 @@ from collections.abc import Callable
 import structlog
 
 from schemas import EvalReport, GlobalModel, JoinRequest, TaskSpec
+from services.aggregator.best import SELECTION_SPLIT, BestStore, task_checkpoint_dir
 from services.common.bus import Bus, ConnectionLost, TransportError
 from services.common.connect import declare_follower
 from services.common.data import DatasetError, ImageDataset, load_site_dataset
 from services.common.messaging import publish_message
-from services.common.models import UnknownModel
+from services.common.models import UnknownModel, state_arrays
 from services.common.topology import (
     EVENTS_EXCHANGE,
     event_key,
@@ -70,7 +71,12 @@ def build_report(
 
 
 class EvaluatorService:
-    """Evaluates due model versions until stopped; `run()` returns the exit code."""
+    """Evaluates due model versions until stopped; `run()` returns the exit code.
+
+    Each due version is scored on `settings.split` (the selection split, `val`) and, on every
+    `test_every`-th evaluation, on `settings.test_split`; both reports go to the log. Given
+    `dataset` (tests), only the splits whose data was given are scored.
+    """
 
     def __init__(
         self,
@@ -78,6 +84,7 @@ class EvaluatorService:
         *,
         bus: Bus,
         dataset: ImageDataset | None = None,
+        test_dataset: ImageDataset | None = None,
         stop_event: threading.Event | None = None,
         clock: Callable[[], float] = time.monotonic,
         backoff: Backoff | None = None,
@@ -86,6 +93,12 @@ class EvaluatorService:
         self._settings = settings
         self._bus = bus
         self._dataset = dataset
+        self._test_dataset = test_dataset
+        self._test_split = (
+            None if settings.test_split in ("none", settings.split) else (settings.test_split)
+        )
+        self._evaluations = 0
+        self._best: BestStore | None = None
         self._stop = stop_event or threading.Event()
         self._clock = clock
         self._backoff = backoff or Backoff()
@@ -105,6 +118,8 @@ class EvaluatorService:
         self._pending: GlobalModel | None = None
         self.reports_written = 0
         self.last_report: EvalReport | None = None
+        """The newest report on the selection split."""
+        self.last_test_report: EvalReport | None = None
 
     def stop(self) -> None:
         """Stop after the evaluation in progress (safe from a signal handler)."""
@@ -138,6 +153,11 @@ class EvaluatorService:
         spec, current = self._join()
         local = LocalModel(spec)
         data = self._dataset if self._dataset is not None else self._load_data(spec)
+        if self._test_split is not None and self._test_dataset is None and self._dataset is None:
+            self._test_dataset = self._load_data(spec, split=self._test_split)
+        if self._settings.checkpoint_dir is not None and self._settings.split == SELECTION_SPLIT:
+            task_dir = task_checkpoint_dir(self._settings.checkpoint_dir, self._task)
+            self._best = BestStore(task_dir, spec=spec)
         self._start_heartbeat(spec.heartbeat_interval)
         self._offer(local, data, current)
         while not self._stop.is_set():
@@ -160,11 +180,11 @@ class EvaluatorService:
         self._log.info("joined", version=accepted.model.version, model=accepted.spec.model)
         return accepted.spec, accepted.model
 
-    def _load_data(self, spec: TaskSpec) -> ImageDataset:
+    def _load_data(self, spec: TaskSpec, *, split: str | None = None) -> ImageDataset:
         settings = self._settings
         return load_site_dataset(
             settings.data_source,
-            split=settings.split,
+            split=split or settings.split,
             data_dir=settings.data_dir,
             channels=spec.in_channels,
             size=spec.image_size,
@@ -218,22 +238,63 @@ class EvaluatorService:
         self._status.model_version = model.version
         local.load_global(model)
         self._schedule.record(model.version, now=self._clock())
+        report = self._score(local, data, model, self._settings.split, log)
+        if report is None:
+            return
+        test = None
+        if self._test_due():
+            test = self._score(local, self._test_dataset, model, self._test_split, log)
+        self._evaluations += 1
+        if self._best is not None:
+            # Before the log: a crash in between re-evaluates this version after a restart,
+            # and the store, resumed from disk, does not select an equal score twice.
+            self._best.offer(state_arrays(local.model), validation=report, test=test)
+        for each in (report, test):
+            if each is not None:
+                self._eval_log.append(each)
+        self.reports_written += 1
+        self.last_report = report
+        self.last_test_report = test if test is not None else self.last_test_report
+        log.info(
+            "evaluated",
+            split=report.split,
+            loss=report.loss,
+            accuracy=report.accuracy,
+            auc=report.auc,
+            test_accuracy=None if test is None else test.accuracy,
+        )
+        for each in (report, test):
+            if each is not None:
+                self._publish(each)
+
+    def _test_due(self) -> bool:
+        return (
+            self._test_split is not None
+            and self._test_dataset is not None
+            and self._evaluations % self._settings.test_every == 0
+        )
+
+    def _score(
+        self,
+        local: LocalModel,
+        data: ImageDataset | None,
+        model: GlobalModel,
+        split: str | None,
+        log: structlog.typing.FilteringBoundLogger,
+    ) -> EvalReport | None:
+        if data is None or split is None:
+            return None
         try:
             result = evaluate(local.model, data, batch_size=self._settings.batch_size)
         except ValueError as error:
             # e.g. NaN outputs from a broken global model (negative BatchNorm variance):
             # that version gets no report, the next one is evaluated as usual.
-            log.error("the model cannot be evaluated; no report", error=str(error))
-            return
-        report = build_report(model, result, split=self._settings.split, task_id=self._task)
+            log.error("the model cannot be evaluated; no report", split=split, error=str(error))
+            return None
+        report = build_report(model, result, split=split, task_id=self._task)
         if report is None:
-            log.error("the model's loss is not finite; no report", loss=result.loss)
-            return
-        self._eval_log.append(report)
-        self.reports_written += 1
-        self.last_report = report
-        log.info("evaluated", loss=report.loss, accuracy=report.accuracy, auc=report.auc)
-        self._publish(report)
+            log.error("the model's loss is not finite; no report", split=split, loss=result.loss)
+        return report
 
     def _publish(self, report: EvalReport) -> None:
         try:

@@ -23,7 +23,15 @@ class EvaluatorSettings(ServiceSettings):
     data_source: str = DEFAULT_DATA_SOURCE
     """`medmnist:<name>` or `folder:<path>` holding the held-out images."""
     data_dir: Path | None = None
-    split: Literal["train", "val", "test"] = "test"
+    split: Literal["train", "val", "test"] = "val"
+    """The split every evaluated version is scored on; on `val` it also selects the best one."""
+    test_split: Literal["train", "val", "test", "none"] = "test"
+    """Scored too and reported separately (never used to select); "none" to skip it."""
+    test_every: PositiveInt = 1
+    """Score `test_split` on every n-th evaluation only (the selection split on every one)."""
+    checkpoint_dir: Path | None = Path("runs/checkpoints")
+    """The aggregator's `--checkpoint-dir`: the best version on `val` is kept in
+    `<checkpoint_dir>/<task>/best/` (see `services.aggregator.best`); None keeps none."""
     every_n_versions: PositiveInt = 1
     """Evaluate a version only once it is at least this many versions past the last one."""
     min_interval: float = Field(default=0.0, ge=0.0)

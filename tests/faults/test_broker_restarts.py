@@ -36,7 +36,8 @@ def _applied(federation: FaultFederation) -> set[str]:
 def _logged_versions(path: Path) -> list[int]:
     if not path.exists():
         return []
-    return [json.loads(line)["version"] for line in path.read_text().splitlines() if line]
+    lines = [json.loads(line) for line in path.read_text().splitlines() if line]
+    return [line["version"] for line in lines if line["split"] == "val"]
 
 
 def _sent(trainers: list[ServiceProcess]) -> int:

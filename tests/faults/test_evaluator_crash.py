@@ -17,7 +17,8 @@ pytestmark = [pytest.mark.faults, pytest.mark.broker, pytest.mark.slow, pytest.m
 def _logged_versions(path: Path) -> list[int]:
     if not path.exists():
         return []
-    return [json.loads(line)["version"] for line in path.read_text().splitlines() if line]
+    lines = [json.loads(line) for line in path.read_text().splitlines() if line]
+    return [line["version"] for line in lines if line["split"] == "val"]
 
 
 def test_a_killed_evaluator_resumes_at_the_newest_model_without_evaluating_again(

@@ -92,7 +92,8 @@ class FaultFederation:
 
     def evaluator(self, log_path: Path, **env: str) -> ServiceProcess:
         """`fedmq evaluator` appending its reports to `log_path`."""
-        return self.spawn("evaluator", ["evaluator", "--log-path", str(log_path)], **env)
+        args = ["evaluator", "--log-path", str(log_path), "--checkpoint-dir"]
+        return self.spawn("evaluator", [*args, str(self.checkpoint_root)], **env)
 
     def bus(self) -> PikaBus:
         """A test-side bus on the same broker that rides out restarts quickly."""

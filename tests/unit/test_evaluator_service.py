@@ -42,6 +42,7 @@ class _Clock:
 def _evaluator(
     bus: InMemoryBus, log_path: Path, clock: _Clock | None = None, **fields: Any
 ) -> EvaluatorService:
+    fields.setdefault("checkpoint_dir", log_path.parent / "checkpoints")
     settings = EvaluatorSettings(task_id=TASK, log_path=log_path, join_timeout=5.0, **fields)
     return EvaluatorService(
         settings, bus=bus, dataset=tiny_dataset(40, seed=9), clock=clock or _Clock(),
@@ -88,7 +89,7 @@ def test_the_evaluator_reports_the_joined_model_in_its_log_and_on_the_events_exc
     assert logged.updates_applied == 30
     assert logged.model_published_at == 5003.0
     assert logged.num_examples == 40
-    assert logged.split == "test"
+    assert logged.split == "val"
     assert 0.0 <= logged.accuracy <= 1.0 and logged.loss > 0
     assert len(logged.per_class_accuracy) == 2
     assert logged.auc is not None
@@ -220,3 +221,46 @@ def test_a_model_that_cannot_be_evaluated_is_logged_as_an_error_and_the_next_one
     # Then the evaluator survived the broken version and reported only the sound one
     assert running.join() == EXIT_OK
     assert _logged_versions(tmp_path / "eval.jsonl") == [2]
+
+
+def test_each_version_is_scored_on_val_and_test_and_the_best_on_val_is_kept_once(
+    tmp_path: Path,
+) -> None:
+    # Given an evaluator with val and test data, keeping the best version in checkpoints/best
+    from services.aggregator.best import history, load_best
+
+    bus = InMemoryBus()
+    aggregator = FakeAggregator(bus, tiny_spec(), _model(1))
+    settings = EvaluatorSettings(
+        task_id=TASK, log_path=tmp_path / "eval.jsonl", join_timeout=5.0,
+        checkpoint_dir=tmp_path / "checkpoints",
+    )  # fmt: skip
+    evaluator = EvaluatorService(
+        settings, bus=bus, dataset=tiny_dataset(40, seed=9), test_dataset=tiny_dataset(30, seed=4),
+        clock=_Clock(), backoff=Backoff(initial=0.01, maximum=0.02), poll_interval=0.01,
+    )  # fmt: skip
+
+    # When versions 1 to 3 are evaluated
+    running = Background(evaluator.run)
+    wait_until(lambda: evaluator.reports_written == 1)
+    for version in (2, 3):
+        _publish_and_wait_taken(bus, aggregator, version)
+    wait_until(lambda: evaluator.reports_written == 3)
+    evaluator.stop()
+    assert running.join() == EXIT_OK
+
+    # Then every version has a val and a test report, and the kept best version is the one
+    # with the highest val balanced accuracy, selected once per improvement
+    reports = EvalLog(tmp_path / "eval.jsonl", task_id=TASK).reports()
+    assert [(r.version, r.split) for r in reports] == [
+        (v, s) for v in (1, 2, 3) for s in ("val", "test")
+    ]
+    val = [r for r in reports if r.split == "val"]
+    best = load_best(tmp_path / "checkpoints" / TASK)
+    assert best is not None
+    scored = [(sum(r.per_class_accuracy) / 2, r.auc or 0.0, -r.loss, r.version) for r in val]
+    assert best.version == max(scored)[3]
+    assert best.test is not None and best.test["num_examples"] == 30
+    improvements = [h["version"] for h in history(tmp_path / "checkpoints" / TASK)]
+    assert improvements[-1] == best.version
+    assert len(improvements) == len(set(improvements))
