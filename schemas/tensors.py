@@ -55,8 +55,13 @@ class Tensor(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
 
     name: Annotated[str, Field(min_length=1, max_length=MAX_NAME_LENGTH)]
-    dtype: str
-    shape: tuple[Annotated[int, Field(ge=0)], ...]
+    # The allow-list and the rank limit are checked by the validators below (with reasons
+    # of their own); `json_schema_extra` only states them in the published JSON Schema.
+    dtype: Annotated[str, Field(json_schema_extra={"enum": sorted(ITEMSIZE)})]
+    shape: Annotated[
+        tuple[Annotated[int, Field(ge=0)], ...],
+        Field(json_schema_extra={"maxItems": MAX_TENSOR_DIMS}),
+    ]
     data: bytes
 
     @field_validator("dtype")
