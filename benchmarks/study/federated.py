@@ -8,6 +8,7 @@ barrier it waits for the next version instead).
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 import threading
@@ -27,11 +28,12 @@ from benchmarks.study.timing import TimeModel
 from schemas import DecodeError, ModelUpdate, decode, encode
 from services.aggregator.accounting import privacy_accountant
 from services.aggregator.bootstrap import initial_layout_and_weights
-from services.aggregator.core import AggregatorCore
+from services.aggregator.core import AggregatorCore, global_model_of
 from services.aggregator.strategies.factory import build_strategy
 from services.aggregator.task import TaskDefinition
 from services.aggregator.validation import RejectedUpdate
 from services.common.training import TrainResult
+from services.evaluator.averaging import VersionAverage
 from services.report.manifest import RunManifest
 from services.trainer.local_model import DeltaNotFinite, LocalModel
 from services.trainer.local_round import build_update, round_seed, run_local_round
@@ -68,6 +70,9 @@ class FederatedRun:
         self.honest_norms: list[float] = []
         self.waiting: list[Site] = []
         self._stop = threading.Event()  # never set: a simulated round always finishes
+        self.ema: VersionAverage | None = (
+            None if run.served_ema is None else VersionAverage(decay=run.served_ema)
+        )
 
     def execute(self) -> dict[str, Any]:
         """Run to the budget; return the run's statistics (its evaluations are in the log)."""
@@ -130,6 +135,8 @@ class FederatedRun:
         self.core.poll(now=arrival.at)
         if self.core.version != version:
             self.published_at[self.core.version] = arrival.at
+            if self.ema is not None:
+                self.ema.observe(self.core.weights, version=self.core.version)
         self._restart(site, now=arrival.at)
 
     def _submit(self, site: Site, update: ModelUpdate, *, now: float) -> None:
@@ -164,9 +171,11 @@ class FederatedRun:
 
     def _evaluate(self, tick: float) -> None:
         version = self.core.version
-        self.recorder.record(
-            self.core.global_model(), published_at=self.published_at[version], evaluated_at=tick
-        )
+        model = self.core.global_model()
+        if self.ema is not None and self.ema.weights is not None:
+            saved = dataclasses.replace(self.core.checkpoint(), weights=self.ema.weights)
+            model = global_model_of(self.task.task_id, self.core.layout, saved)
+        self.recorder.record(model, published_at=self.published_at[version], evaluated_at=tick)
 
     # -- output ------------------------------------------------------------------------
 

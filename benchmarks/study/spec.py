@@ -65,6 +65,9 @@ class RunSpec:
     """Factor applied to an attacker's honest delta: -1 flips its sign, -10 also amplifies."""
     budget_factor: float = 1.0
     """Centralized only: a budget this many times the study's (e.g. the federation's compute)."""
+    served_ema: float | None = None
+    """Evaluate an exponential moving average of the versions (this decay per version)
+    instead of the newest version: the served model, while trainers follow the versions."""
 
     @property
     def centralized(self) -> bool:
@@ -87,6 +90,7 @@ class RunSpec:
             "attackers": self.attackers,
             "attack_scale": self.attack_scale if self.attackers else None,
             "budget_factor": self.budget_factor,
+            "served_ema": self.served_ema,
         }
 
 

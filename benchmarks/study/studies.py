@@ -102,6 +102,18 @@ def stable(options: StudyOptions) -> list[RunSpec]:
             "K=8, server lr 0.5", fedbuff(s, **uniform, buffer_size=8, server_lr=0.5), stragglers=2
         ),
         RunSpec(
+            "K=4, server lr 0.5, served EMA 0.8",
+            fedbuff(s, **uniform, server_lr=0.5),
+            stragglers=2,
+            served_ema=0.8,
+        ),
+        RunSpec(
+            "K=4, server lr 1, served EMA 0.8",
+            fedbuff(s, **uniform),
+            stragglers=2,
+            served_ema=0.8,
+        ),
+        RunSpec(
             "K=4, FedAdam lr 0.001",
             fedbuff(s, **uniform, server_optimizer="adam", server_lr=0.001),
             stragglers=2,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.live import Live
@@ -13,6 +14,10 @@ from rich.table import Table
 from services.common.settings import ServiceSettings
 from services.demo.federation import Federation, FederationPlan
 from services.demo.status import FederationStatus
+from services.report.summary import TAIL_WINDOW_S, RunSummary
+
+if TYPE_CHECKING:
+    from services.report.writer import Report
 
 REFRESH_S = 1.0
 
@@ -125,8 +130,9 @@ def _run(options: DemoOptions, bus: object, console: Console, data_file: Path) -
         time.sleep(0.5)
         watcher.poll()
         watcher.close()
-    console.print(_summary(status, codes))
-    report_dir = _write_report(options.run_dir, console)
+    report = _write_report(options.run_dir, console)
+    console.print(_summary(status, codes, None if report is None else report.summaries[0]))
+    report_dir = None if report is None else report.markdown_path.parent
     console.print(f"run directory: {options.run_dir}  report: {report_dir}")
     if interrupted:
         return 130
@@ -159,24 +165,55 @@ def _watch(
             time.sleep(REFRESH_S)
 
 
-def _summary(status: FederationStatus, codes: dict[str, int]) -> Table:
+def _summary(status: FederationStatus, codes: dict[str, int], summary: RunSummary | None) -> Table:
+    """The status table, then the honest numbers first: the version selected on `val`
+    (scored on test), the final version, the last 30 s; best-on-test last, as a bound."""
     table = status.table()
     table.title = f"fedmq demo summary ({status.task_id})"
-    best = status.best_accuracy
-    table.add_row("best test accuracy", "n/a" if best is None else f"{best:.3f}")
-    table.add_row("evaluations", str(len(status.evaluations)))
+    if summary is not None:
+        for name, value in summary_rows(summary):
+            table.add_row(name, value)
+    table.add_row("evaluations", str(len(status.test_evaluations)))
     clean = all(code == 0 for code in codes.values())
     table.add_row("processes", "all stopped cleanly" if clean else f"exit codes {codes}")
     return table
 
 
-def _write_report(run_dir: Path, console: Console) -> Path | None:
+def summary_rows(summary: RunSummary) -> list[tuple[str, str]]:
+    """`(what, value)` rows of a run's honest numbers, for the demo's summary table."""
+    selected = (
+        "n/a (no val evaluation)"
+        if summary.selected_version is None
+        else f"{_pair(summary.selected_accuracy, summary.selected_auc)}"
+        f" (version {summary.selected_version}, val balanced acc"
+        f" {_number(summary.selected_val_score)})"
+    )
+    return [
+        ("test acc / AUC, version selected on val", selected),
+        ("test acc / AUC, final version", _pair(summary.final_accuracy, summary.final_auc)),
+        (
+            f"test acc, last {TAIL_WINDOW_S:.0f} s: mean / min",
+            f"{_number(summary.tail_mean_accuracy)} / {_number(summary.tail_min_accuracy)}",
+        ),
+        ("majority-class rate (test)", _number(summary.majority_rate)),
+        ("best test acc (optimistic bound)", _number(summary.best_accuracy)),
+    ]
+
+
+def _pair(accuracy: float | None, auc: float | None) -> str:
+    return f"{_number(accuracy)} / {_number(auc)}"
+
+
+def _number(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+def _write_report(run_dir: Path, console: Console) -> Report | None:
     from services.report.errors import RunLogError
     from services.report.writer import write_report
 
     try:
-        write_report([run_dir], run_dir / "report", targets=(0.8, 0.85))
+        return write_report([run_dir], run_dir / "report", targets=(0.8, 0.85))
     except RunLogError as error:
         console.print(f"[yellow]no report:[/] {error}")
         return None
-    return run_dir / "report"

@@ -8,6 +8,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 from pydantic import ValidationError
 
 from schemas import EvalReport
@@ -29,15 +30,35 @@ class EvalPoint:
     accuracy: float
     auc: float | None
     loss: float
+    per_class_accuracy: tuple[float, ...] = ()
+
+    @property
+    def balanced_accuracy(self) -> float:
+        """Mean per-class recall; the accuracy when per-class recalls are absent."""
+        per_class = self.per_class_accuracy
+        return sum(per_class) / len(per_class) if per_class else self.accuracy
 
 
 @dataclass(frozen=True)
 class Run:
-    """A run directory read into memory: its manifest and its evaluations in time order."""
+    """A run directory read into memory: its manifest and its evaluations in time order.
+
+    `points` are on the reported split (`test`); `selection_points` on the split versions
+    are selected by (`val`; empty when the log has none, e.g. centralized or study runs);
+    `class_rates` are the reported split's class frequencies inferred from its reports
+    (None when they cannot be told, see `class_rates`).
+    """
 
     path: Path
     manifest: RunManifest
     points: tuple[EvalPoint, ...]
+    selection_points: tuple[EvalPoint, ...] = ()
+    class_rates: tuple[float, ...] | None = None
+
+    @property
+    def majority_rate(self) -> float | None:
+        """Accuracy of always answering the most frequent class of the reported split."""
+        return None if self.class_rates is None else max(self.class_rates)
 
     @property
     def name(self) -> str:
@@ -94,6 +115,7 @@ def points_from_reports(
             accuracy=report.accuracy,
             auc=report.auc,
             loss=report.loss,
+            per_class_accuracy=tuple(report.per_class_accuracy),
         )
         for report in reports
         if report.split == split
@@ -101,8 +123,33 @@ def points_from_reports(
     return tuple(sorted(points, key=lambda point: point.seconds))
 
 
-def load_run(run_dir: str | os.PathLike[str], *, split: str = "test") -> Run:
-    """Read `<run_dir>/run.json` and `<run_dir>/eval.jsonl`, keeping the evaluations of `split`.
+def class_rates(points: Iterable[EvalPoint]) -> tuple[float, ...] | None:
+    """The class frequencies of the evaluated split, solved from its reports.
+
+    Every report satisfies `accuracy = sum_c recall_c * rate_c` with `sum_c rate_c = 1`, so
+    reports whose per-class recalls differ pin the rates down (least squares). None when the
+    reports cannot tell them apart (no per-class recalls, or every version equally good on
+    every class).
+    """
+    rows = [(p.per_class_accuracy, p.accuracy) for p in points if p.per_class_accuracy]
+    if not rows:
+        return None
+    classes = len(rows[0][0])
+    rows = [(recalls, accuracy) for recalls, accuracy in rows if len(recalls) == classes]
+    matrix = np.array([list(recalls) for recalls, _ in rows] + [[1.0] * classes])
+    target = np.array([accuracy for _, accuracy in rows] + [1.0])
+    if np.linalg.matrix_rank(matrix) < classes:
+        return None
+    solution, *_ = np.linalg.lstsq(matrix, target, rcond=None)
+    rates = np.clip(solution, 0.0, 1.0)
+    return tuple(float(r) for r in rates / rates.sum())
+
+
+def load_run(
+    run_dir: str | os.PathLike[str], *, split: str = "test", selection_split: str = "val"
+) -> Run:
+    """Read `<run_dir>/run.json` and `<run_dir>/eval.jsonl`, keeping the evaluations of `split`
+    (and those of `selection_split`, by which a version is selected).
 
     A point's time is the model's publication time when the report carries one, else its
     evaluation time: time-to-accuracy then measures training, not evaluator lag.
@@ -123,7 +170,18 @@ def load_run(run_dir: str | os.PathLike[str], *, split: str = "test") -> Run:
     if not points:
         found = sorted({report.split for report in reports})
         raise EmptyRunLog(f"{log} holds no evaluation on the {split!r} split (found: {found})")
-    return Run(path=directory, manifest=manifest, points=points)
+    selection = (
+        points_from_reports(reports, started_at=manifest.started_at, split=selection_split)
+        if selection_split != split
+        else ()
+    )
+    return Run(
+        path=directory,
+        manifest=manifest,
+        points=points,
+        selection_points=selection,
+        class_rates=class_rates(points),
+    )
 
 
 def _weights_time(report: EvalReport) -> float:

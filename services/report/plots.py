@@ -68,6 +68,7 @@ def report_figure(
         ax.grid(True, alpha=0.3)
         if y_of is _accuracy:
             _draw_targets(ax, targets)
+            _draw_majority(ax, runs)
     handles, labels = axes.flat[0].get_legend_handles_labels()
     if handles:
         figure.legend(handles, labels, loc="outside lower center", ncols=min(len(labels), 4))
@@ -113,4 +114,21 @@ def _draw_targets(ax: Axes, targets: Sequence[float]) -> None:
             ha="right",
             fontsize="small",
             color="0.35",
+        )
+
+
+def _draw_majority(ax: Axes, runs: Sequence[Run]) -> None:
+    """A dotted line at each distinct majority-class rate: a collapsed model sits on it."""
+    rates = sorted({round(r.majority_rate, 3) for r in runs if r.majority_rate is not None})
+    for rate in rates:
+        ax.axhline(rate, linestyle=":", linewidth=1.4, color="C3")
+        ax.annotate(
+            f"majority class {rate:.3f}",
+            xy=(0.0, rate),
+            xycoords=("axes fraction", "data"),
+            xytext=(4, 3),
+            textcoords="offset points",
+            ha="left",
+            fontsize="small",
+            color="C3",
         )

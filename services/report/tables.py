@@ -26,8 +26,11 @@ def table_headers(targets: Sequence[float]) -> list[str]:
         for title in (f"time to {format_target(target)} (s)", f"updates to {format_target(target)}")
     ]
     return [
-        "run", "kind", "model", "evals", *per_target,
-        "best acc", "best AUC", "final acc", "final AUC", "duration (s)",
+        "run", "kind", "model", "evals",
+        "val-selected version", "test acc (val-selected)", "test AUC (val-selected)",
+        "final acc", "final AUC", "last 30 s mean acc", "last 30 s min acc",
+        "last 30 s mean AUC", "majority-class rate", *per_target,
+        "best test acc (optimistic bound)", "best test AUC (optimistic bound)", "duration (s)",
     ]  # fmt: skip
 
 
@@ -76,11 +79,18 @@ def _row(summary: RunSummary) -> list[str]:
         summary.kind if summary.strategy is None else f"{summary.kind} ({summary.strategy})",
         summary.model,
         str(summary.evaluations),
+        MISSING if summary.selected_version is None else str(summary.selected_version),
+        _score(summary.selected_accuracy),
+        _score(summary.selected_auc),
+        _score(summary.final_accuracy),
+        _score(summary.final_auc),
+        _score(summary.tail_mean_accuracy),
+        _score(summary.tail_min_accuracy),
+        _score(summary.tail_mean_auc),
+        _score(summary.majority_rate),
         *per_target,
         _score(summary.best_accuracy),
         _score(summary.best_auc),
-        _score(summary.final_accuracy),
-        _score(summary.final_auc),
         f"{summary.final_seconds:.1f}",
     ]
 

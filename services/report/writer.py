@@ -23,6 +23,13 @@ _NOTES = """\
 - *updates* are client updates applied by the aggregator in federated runs and optimizer
   steps in centralized runs: compare them within a kind, and compare kinds by time.
 - Scores are on the `{split}` split; *final* is the last evaluation of the run.
+- *val-selected*: the version with the highest balanced accuracy on the `val` split (ties:
+  AUC, then loss), the one the evaluator keeps as `best`; its `{split}` scores are the
+  result to quote. *last 30 s*: mean and minimum over the evaluations of the last 30 s.
+- *best test acc (optimistic bound)*: the maximum over every version on `{split}` itself;
+  choosing a version by its test score overfits the test set, so it is a bound, not a result.
+- *majority-class rate*: the accuracy of always answering the most frequent class (the
+  dotted line in the plots): a version at or below it has collapsed to one class.
 """
 
 

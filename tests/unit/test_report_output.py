@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import struct
 from pathlib import Path
 from typing import Any
@@ -51,13 +52,17 @@ def test_markdown_table_row_holds_the_hand_computed_numbers_of_the_log(tmp_path:
     lines = markdown_table([summary], TARGETS).splitlines()
     # Then
     assert lines[0] == (
-        "| run | kind | model | evals | time to 0.80 (s) | updates to 0.80 | time to 0.84 (s) "
-        "| updates to 0.84 | time to 0.90 (s) | updates to 0.90 | best acc | best AUC "
-        "| final acc | final AUC | duration (s) |"
+        "| run | kind | model | evals | val-selected version | test acc (val-selected) "
+        "| test AUC (val-selected) | final acc | final AUC | last 30 s mean acc "
+        "| last 30 s min acc | last 30 s mean AUC | majority-class rate | time to 0.80 (s) "
+        "| updates to 0.80 | time to 0.84 (s) | updates to 0.84 | time to 0.90 (s) "
+        "| updates to 0.90 | best test acc (optimistic bound) "
+        "| best test AUC (optimistic bound) | duration (s) |"
     )
     assert lines[2] == (
-        "| fedbuff-4 | federated (fedbuff) | cnn-small | 5 | 25.0 | 20 | 37.5 | 30 "
-        "| not reached | not reached | 0.8450 | 0.9500 | 0.8125 | 0.9375 | 50.0 |"
+        "| fedbuff-4 | federated (fedbuff) | cnn-small | 5 | 4 | 0.8125 | 0.9375 | 0.8125 "
+        "| 0.9375 | 0.8192 | 0.8000 | 0.9292 | n/a | 25.0 | 20 | 37.5 | 30 "
+        "| not reached | not reached | 0.8450 | 0.9500 | 50.0 |"
     )
     assert len(lines) == 3
 
@@ -73,12 +78,13 @@ def test_report_writes_a_png_and_a_markdown_table_with_one_row_per_run(tmp_path:
     assert report.png_path.stat().st_size > 30_000  # four panels of lines, not a blank canvas
     markdown = (tmp_path / "out" / "report.md").read_text()
     assert (
-        "| fedbuff-4 | federated (fedbuff) | cnn-small | 5 | 25.0 | 20 | not reached "
-        "| not reached | 0.8450 | 0.9500 | 0.8125 | 0.9375 | 50.0 |"
+        "| fedbuff-4 | federated (fedbuff) | cnn-small | 5 | 4 | 0.8125 | 0.9375 | 0.8125 "
+        "| 0.9375 | 0.8192 | 0.8000 | 0.9292 | n/a | 25.0 | 20 | not reached "
+        "| not reached | 0.8450 | 0.9500 | 50.0 |"
     ) in markdown
     assert (
-        "| central | centralized | cnn-small | 3 | 30.0 | 147 | 30.0 | 147 "
-        "| 0.9000 | 0.9000 | 0.8800 | 0.8800 | 61.0 |"
+        "| central | centralized | cnn-small | 3 | n/a | n/a | n/a | 0.8800 | 0.8800 | 0.8800 "
+        "| 0.8800 | 0.8800 | n/a | 30.0 | 147 | 30.0 | 147 | 0.9000 | 0.9000 | 61.0 |"
     ) in markdown
     assert "![report](report.png)" in markdown
 
@@ -106,6 +112,26 @@ def test_figure_has_one_line_per_run_in_each_panel_and_dashed_targets_on_accurac
     assert np.asarray(run_lines[1][0].get_ydata()).tolist() == [0.6, 0.8, 0.9, 0.95, 0.9375]
     dashed = [_dashed_levels(ax.get_lines()) for ax in axes]
     assert dashed == [[0.80, 0.85], [], [0.80, 0.85], []]
+
+
+def test_the_accuracy_panels_draw_the_majority_class_rate_as_a_dotted_line(
+    tmp_path: Path,
+) -> None:
+    # Given a run whose test reports pin the class rates (0.375 / 0.625)
+    run = load_run(write_federated_run(tmp_path / "fed"))
+    run = dataclasses.replace(run, class_rates=(0.375, 0.625))
+    # When the figure is drawn
+    axes = report_figure([run]).axes
+    # Then both accuracy panels carry a dotted line at 0.625, the AUC panels none
+    dotted = [
+        [
+            float(np.asarray(line.get_ydata())[0])
+            for line in ax.get_lines()
+            if line.get_linestyle() == ":"
+        ]
+        for ax in axes
+    ]
+    assert dotted == [[0.625], [], [0.625], []]
 
 
 def _dashed_levels(lines: list[Line2D]) -> list[float]:

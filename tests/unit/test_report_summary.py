@@ -233,3 +233,68 @@ def test_an_invalid_manifest_is_a_clear_error(tmp_path: Path) -> None:
     # Then
     with pytest.raises(InvalidRunLog, match=r"run\.json is not a valid run manifest"):
         read_manifest(tmp_path)
+
+
+def _recalls_report(
+    version: int, recalls: tuple[float, float], seconds: float, *, split: str
+) -> EvalReport:
+    # Test split rates 0.375 / 0.625 (PneumoniaMNIST's test split: 234 normal, 390 pneumonia).
+    rates = (0.375, 0.625) if split == "test" else (0.25, 0.75)
+    accuracy = recalls[0] * rates[0] + recalls[1] * rates[1]
+    return EvalReport.model_validate(
+        {
+            "task_id": "pneumonia", "version": version, "split": split, "loss": 1.0 - accuracy,
+            "accuracy": accuracy, "auc": 0.9 + version / 100, "per_class_accuracy": recalls,
+            "num_examples": 624, "updates_applied": 4 * version,
+            "model_published_at": STARTED_AT + seconds, "evaluated_at": STARTED_AT + seconds + 1,
+        }
+    )  # fmt: skip
+
+
+def test_the_honest_columns_are_computed_from_a_hand_made_log_with_val_and_test(
+    tmp_path: Path,
+) -> None:
+    # Given a log where the best version on test (3) is not the best on val (4), version 1
+    # predicts one class only, and every version has a val and a test report
+    write_manifest(
+        tmp_path,
+        RunManifest(name="fed", kind="federated", model="cnn-small", started_at=STARTED_AT),
+    )
+    rows = [  # version, val recalls, test recalls, seconds
+        (1, (0.0, 1.0), (0.0, 1.0), 0.0),
+        (2, (0.85, 0.9), (0.8, 0.9), 20.0),
+        (3, (0.8, 0.9), (0.9, 0.95), 40.0),
+        (4, (0.95, 0.9), (0.6, 0.98), 60.0),
+    ]
+    for version, val, test, seconds in rows:
+        append_eval_report(
+            tmp_path / "eval.jsonl", _recalls_report(version, val, seconds, split="val")
+        )
+        append_eval_report(
+            tmp_path / "eval.jsonl", _recalls_report(version, test, seconds, split="test")
+        )
+
+    # When it is summarised
+    summary = summarize(load_run(tmp_path))
+
+    # Then the selected version is the best on val (balanced accuracy 0.925), scored on test;
+    # the last 30 s hold versions 3 and 4; the best on test is only the optimistic bound
+    assert summary.selected_version == 4
+    assert summary.selected_val_score == pytest.approx(0.925)
+    assert summary.selected_accuracy == pytest.approx(0.375 * 0.6 + 0.625 * 0.98)
+    assert summary.selected_auc == pytest.approx(0.94)
+    assert summary.final_accuracy == pytest.approx(0.8375)
+    assert summary.tail_mean_accuracy == pytest.approx((0.93125 + 0.8375) / 2)
+    assert summary.tail_min_accuracy == pytest.approx(0.8375)
+    assert summary.tail_mean_auc == pytest.approx((0.93 + 0.94) / 2)
+    assert summary.best_accuracy == pytest.approx(0.93125)
+    assert summary.majority_rate == pytest.approx(0.625)
+
+
+def test_the_majority_rate_is_unknown_when_no_report_tells_the_classes_apart(
+    tmp_path: Path,
+) -> None:
+    # Given reports whose recalls are equal on both classes
+    run = load_run(write_federated_run(tmp_path))
+    # Then the class rates cannot be solved for
+    assert run.class_rates is None and summarize(run).majority_rate is None
