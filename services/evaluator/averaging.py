@@ -8,8 +8,13 @@ the ranking they share is kept (Polyak averaging; an EMA of the global model as 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import numpy as np
 import numpy.typing as npt
+
+from services.aggregator.layout import ParamLayout
 
 FloatVector = npt.NDArray[np.float32]
 
@@ -42,3 +47,26 @@ class VersionAverage:
             return self.weights  # an older or repeated version: nothing new
         self.version = version
         return self.weights
+
+
+class ServedAverage:
+    """The served model's weights: the `VersionAverage` of `state_dict` arrays.
+
+    Float tensors (weights and BatchNorm statistics) are averaged; integer buffers
+    (`num_batches_tracked`) are the newest version's.
+    """
+
+    def __init__(self, *, decay: float) -> None:
+        self._average = VersionAverage(decay=decay)
+        self._layout: ParamLayout | None = None
+
+    def observe(
+        self, arrays: Mapping[str, npt.NDArray[Any]], *, version: int
+    ) -> dict[str, npt.NDArray[Any]]:
+        """Fold the weights of `version` in; the averaged `name -> array` (new arrays)."""
+        if self._layout is None:
+            self._layout = ParamLayout.from_arrays(arrays)
+        layout = self._layout
+        averaged = self._average.observe(layout.flatten(arrays), version=version)
+        integers = {name: np.array(arrays[name]) for name in layout.integer_names}
+        return layout.unflatten(averaged.copy(), integers=integers)

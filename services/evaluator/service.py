@@ -21,13 +21,14 @@ from services.common.bus import Bus, ConnectionLost, TransportError
 from services.common.connect import declare_follower
 from services.common.data import DatasetError, ImageDataset, load_site_dataset
 from services.common.messaging import publish_message
-from services.common.models import UnknownModel, state_arrays
+from services.common.models import UnknownModel, load_state_arrays, state_arrays
 from services.common.topology import (
     EVENTS_EXCHANGE,
     event_key,
     follower_queue_name,
 )
 from services.common.training import EvalResult, evaluate
+from services.evaluator.averaging import ServedAverage
 from services.evaluator.eval_log import EvalLog
 from services.evaluator.schedule import Decision, EvalSchedule
 from services.evaluator.settings import EvaluatorSettings
@@ -99,6 +100,9 @@ class EvaluatorService:
         )
         self._evaluations = 0
         self._best: BestStore | None = None
+        self._served = (
+            ServedAverage(decay=settings.served_average) if settings.served_average > 0 else None
+        )
         self._stop = stop_event or threading.Event()
         self._clock = clock
         self._backoff = backoff or Backoff()
@@ -237,6 +241,11 @@ class EvaluatorService:
         self._status.state = "evaluating"
         self._status.model_version = model.version
         local.load_global(model)
+        if self._served is not None:
+            # The served model: the average of the versions so far (restarts from the first
+            # version this process evaluates).
+            arrays = self._served.observe(state_arrays(local.model), version=model.version)
+            load_state_arrays(local.model, arrays)
         self._schedule.record(model.version, now=self._clock())
         report = self._score(local, data, model, self._settings.split, log)
         if report is None:

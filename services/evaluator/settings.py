@@ -29,6 +29,9 @@ class EvaluatorSettings(ServiceSettings):
     """Scored too and reported separately (never used to select); "none" to skip it."""
     test_every: PositiveInt = 1
     """Score `test_split` on every n-th evaluation only (the selection split on every one)."""
+    served_average: float = Field(default=0.0, ge=0.0, lt=1.0)
+    """Score (and keep as best) an exponential moving average of the versions, this decay
+    per version, instead of each version alone; 0 scores each version itself."""
     checkpoint_dir: Path | None = Path("runs/checkpoints")
     """The aggregator's `--checkpoint-dir`: the best version on `val` is kept in
     `<checkpoint_dir>/<task>/best/` (see `services.aggregator.best`); None keeps none."""
