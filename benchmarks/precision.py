@@ -1,7 +1,7 @@
 """Transport precision (fp32, fp16, bf16): bytes per update, ingest rate, final accuracy.
 
     uv run python -m benchmarks.precision [--rounds 6] [--local-steps 30] [--updates 120]
-        [--data-dir ../shared/data] [--skip-accuracy] [--skip-ingest] [--out precision.json]
+        [--data-dir DIR] [--skip-accuracy] [--skip-ingest] [--out precision.json]
 
 - Wire size: one encoded cnn-small and one ResNet-18 update per precision.
 - Ingest: `fedmq aggregator` (FedAsync, default cadence) draining preloaded updates of each
@@ -23,7 +23,6 @@ from benchmarks.ingest import aggregator_drain, baseline
 from schemas import GlobalModel, ModelUpdate, Precision, decode, encode
 
 PRECISIONS: tuple[Precision, ...] = ("float32", "float16", "bfloat16")
-DEFAULT_DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"
 DATASET = "medmnist:pneumoniamnist"
 SITES = 4
 
@@ -73,7 +72,7 @@ def ingest_rates(count: int) -> list[dict[str, Any]]:
 
 
 def federated_accuracy(
-    precision: Precision, *, rounds: int, local_steps: int, data_dir: Path
+    precision: Precision, *, rounds: int, local_steps: int, data_dir: Path | None
 ) -> dict[str, Any]:
     """Test accuracy/AUC after `rounds` FedBuff steps of `SITES` sites, at one precision."""
     from services.aggregator.bootstrap import load_core
@@ -126,7 +125,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args_parser.add_argument("--rounds", type=int, default=6)
     args_parser.add_argument("--local-steps", type=int, default=30)
     args_parser.add_argument("--updates", type=int, default=120)
-    args_parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
+    args_parser.add_argument("--data-dir", type=Path, default=None)
     args_parser.add_argument("--wire-models", default="cnn-small,resnet18")
     args_parser.add_argument("--skip-accuracy", action="store_true")
     args_parser.add_argument("--skip-ingest", action="store_true")

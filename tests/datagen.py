@@ -2,12 +2,11 @@
 
 Each class puts a bright Gaussian blob at its own place on a noisy background, so a
 small CNN beats the majority rate within an epoch or two. `pneumonia_npz` hands tests
-the real PneumoniaMNIST file when the shared data directory has it.
+the real PneumoniaMNIST file bundled with fedmq.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -15,24 +14,17 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA_ENV = "FEDMQ_SHARED_DATA"
+from services.common.data.medmnist import bundled_path
+
 REAL_PNEUMONIA = "pneumoniamnist.npz"
 
 BINARY_PRIORS = (0.3, 0.7)
 """Class shares of generated binary data: the majority rate to beat is 0.7."""
 
 
-def shared_data_dir() -> Path:
-    """`$FEDMQ_SHARED_DATA`, else `<repo>/../shared/data`."""
-    configured = os.environ.get(SHARED_DATA_ENV)
-    return Path(configured) if configured else REPO_ROOT.parent / "shared" / "data"
-
-
 def real_pneumonia_path() -> Path | None:
-    """The real PneumoniaMNIST file, or None when this machine does not have it."""
-    path = shared_data_dir() / REAL_PNEUMONIA
-    return path if path.is_file() else None
+    """The real PneumoniaMNIST file bundled with fedmq (None only in a build without it)."""
+    return bundled_path("pneumoniamnist")
 
 
 def make_images(

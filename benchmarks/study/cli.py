@@ -26,8 +26,6 @@ from benchmarks.study.studies import DEFAULT_DP_CLIP, DEFAULT_NOISE, STUDIES, St
 from benchmarks.study.timing import TimeModel
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-DEFAULT_DATA_DIR = REPO_ROOT.parent / "shared" / "data"
-
 DEFAULT_BUDGET_S = {"cnn-small": 40.0, "cnn-small-gn": 40.0, "resnet18": 240.0}
 """Virtual seconds per run; real time is about sites x budget (every site computes here)."""
 DEFAULT_EVAL_EVERY_S = {"cnn-small": 1.0, "cnn-small-gn": 1.0, "resnet18": 10.0}
@@ -46,7 +44,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--model", default="cnn-small", choices=sorted(DEFAULT_BUDGET_S))
     parser.add_argument("--budget", type=float, help="virtual seconds per run")
     parser.add_argument("--eval-every", type=float, help="virtual seconds between evaluations")
-    parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
+    parser.add_argument(
+        "--data-dir",
+        type=Path,
+        default=None,
+        help="directory of pneumoniamnist.npz (default: the usual lookup, then the bundled copy)",
+    )
     parser.add_argument("--sites", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--local-steps", type=int, default=LocalRecipe.steps)

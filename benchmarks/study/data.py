@@ -27,13 +27,13 @@ class Partition:
 class StudyData:
     """Train and test splits in memory; each partition is cut once and then reused."""
 
-    data_dir: Path
+    data_dir: Path | None
     train: ImageDataset
     test: ImageDataset
     _sites: dict[tuple[Partition, int], list[ImageDataset]] = field(default_factory=dict)
 
     @classmethod
-    def load(cls, data_dir: Path) -> StudyData:
+    def load(cls, data_dir: Path | None) -> StudyData:
         def split(name: str) -> ImageDataset:
             return load_site_dataset(DATA_SOURCE, split=name, data_dir=data_dir, download=False)
 

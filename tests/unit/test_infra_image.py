@@ -119,15 +119,21 @@ def test_cpu_build_skips_every_cuda_wheel_the_locked_torch_pulls_in() -> None:
 
 
 def _ignored(patterns: list[str], path: str) -> bool:
+    """Docker's rule: the last pattern that matches decides, `!pattern` re-includes."""
     parts = path.split("/")
     prefixes = ["/".join(parts[: i + 1]) for i in range(len(parts))]
-    return any(
-        fnmatch.fnmatch(prefix, pattern)
-        or fnmatch.fnmatch(prefix, pattern.removeprefix("**/"))
-        or fnmatch.fnmatch(parts[-1], pattern.removeprefix("**/"))
-        for pattern in patterns
-        for prefix in prefixes
-    )
+    ignored = False
+    for pattern in patterns:
+        negated = pattern.startswith("!")
+        bare = pattern.removeprefix("!")
+        if any(
+            fnmatch.fnmatch(prefix, bare)
+            or fnmatch.fnmatch(prefix, bare.removeprefix("**/"))
+            or fnmatch.fnmatch(parts[-1], bare.removeprefix("**/"))
+            for prefix in prefixes
+        ):
+            ignored = not negated
+    return ignored
 
 
 def _ignore_patterns() -> list[str]:
@@ -151,6 +157,15 @@ def _ignore_patterns() -> list[str]:
 )
 def test_build_context_leaves_out_environments_data_runs_secrets_and_caches(path: str) -> None:
     assert _ignored(_ignore_patterns(), path)
+
+
+def test_build_context_keeps_the_bundled_dataset_and_its_licence() -> None:
+    for path in (
+        "services/common/data/bundled/pneumoniamnist.npz",
+        "services/common/data/bundled/README.md",
+    ):
+        assert (REPO / path).is_file(), path
+        assert not _ignored(_ignore_patterns(), path), f".dockerignore drops {path}"
 
 
 def test_build_context_keeps_every_file_the_dockerfile_copies() -> None:

@@ -26,13 +26,30 @@ from services.common.data import (
     partition,
 )
 from services.common.data import dataset as dataset_module
-from services.common.data.medmnist import MEDMNIST_FILES, Checksum, MedMnistFile
+from services.common.data import medmnist as medmnist_module
+from services.common.data.medmnist import (
+    MEDMNIST_FILES,
+    Checksum,
+    MedMnistFile,
+    bundled_path,
+    ensure_medmnist_file,
+)
 from tests.datagen import (
     make_medmnist_arrays,
     real_pneumonia_path,
     save_npz,
     write_medmnist_npz,
 )
+
+
+@pytest.fixture(autouse=True)
+def empty_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A HOME without `~/.medmnist` and no FEDMQ_DATA_DIR, whatever this machine holds."""
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.delenv("FEDMQ_DATA_DIR", raising=False)
+    return home
 
 
 @pytest.fixture
@@ -148,12 +165,10 @@ def test_subset_keeps_classes_and_counts_only_the_chosen_examples() -> None:
 
 def test_real_pneumoniamnist_has_official_split_sizes_and_class_counts() -> None:
     real = real_pneumonia_path()
-    if real is None:
-        pytest.skip("real pneumoniamnist.npz is not on this machine")
-    # The real copy differs from the official checksum; a placed file is used as it is.
+    assert real is not None, "the package ships pneumoniamnist.npz"
     counts = {}
     for split in ("train", "val", "test"):
-        dataset = load_medmnist("pneumoniamnist", split, data_dir=real.parent, download=False)
+        dataset = load_medmnist("pneumoniamnist", split, download=False)
         counts[split] = dataset.class_counts().tolist()
     assert counts == {"train": [1214, 3494], "val": [135, 389], "test": [234, 390]}
     assert dataset.class_names == ("normal", "pneumonia")
@@ -222,22 +237,71 @@ def test_missing_file_without_network_names_the_exact_path_and_url(tmp_path: Pat
     url = _closed_port_url()
 
     with pytest.raises(DatasetNotFound) as caught:
-        load_medmnist("pneumoniamnist", "train", data_dir=tmp_path / "nowhere", url=url)
+        load_medmnist("breastmnist", "train", data_dir=tmp_path / "nowhere", url=url)
 
     message = str(caught.value)
-    assert f"place it at {tmp_path / 'nowhere' / 'pneumoniamnist.npz'}" in message
+    assert f"place it at {tmp_path / 'nowhere' / 'breastmnist.npz'}" in message
     assert url in message
 
 
 def test_missing_file_with_download_disabled_names_the_path_and_official_url(
     tmp_path: Path,
 ) -> None:
-    with pytest.raises(DatasetNotFound) as caught:
-        load_medmnist("pneumoniamnist", "test", data_dir=tmp_path, download=False)
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
 
-    assert str(tmp_path / "pneumoniamnist.npz") in str(caught.value)
-    assert MEDMNIST_FILES["pneumoniamnist"].url in str(caught.value)
-    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(DatasetNotFound) as caught:
+        load_medmnist("breastmnist", "test", data_dir=data_dir, download=False)
+
+    assert str(data_dir / "breastmnist.npz") in str(caught.value)
+    assert MEDMNIST_FILES["breastmnist"].url in str(caught.value)
+    assert list(data_dir.iterdir()) == []
+
+
+def test_pneumoniamnist_without_a_placed_copy_comes_from_the_bundle_without_download(
+    tmp_path: Path,
+) -> None:
+    # Given no placed file anywhere and a download URL that cannot answer
+    url = _closed_port_url()
+
+    # When the file is looked up
+    path = ensure_medmnist_file("pneumoniamnist", data_dir=tmp_path / "empty", url=url)
+
+    # Then the bundled copy is used and nothing was written to the data directory
+    assert path == bundled_path("pneumoniamnist")
+    assert not (tmp_path / "empty").exists()
+
+
+def test_a_placed_copy_wins_over_home_and_home_wins_over_the_bundle(
+    tmp_path: Path, empty_home: Path
+) -> None:
+    # Given a copy in ~/.medmnist and another in an explicit directory
+    home_copy = write_medmnist_npz(empty_home / ".medmnist" / "pneumoniamnist.npz", sizes=(8, 2, 2))
+    explicit = write_medmnist_npz(tmp_path / "mine" / "pneumoniamnist.npz", sizes=(8, 2, 2))
+
+    # Then the explicit directory comes first, then ~/.medmnist when the explicit one lacks it
+    assert ensure_medmnist_file("pneumoniamnist", data_dir=explicit.parent) == explicit
+    assert ensure_medmnist_file("pneumoniamnist", data_dir=tmp_path / "empty") == home_copy
+    assert ensure_medmnist_file("pneumoniamnist") == home_copy
+
+
+def test_a_damaged_bundled_copy_is_refused_with_one_clear_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a bundled file truncated by a broken installation
+    real = bundled_path("pneumoniamnist")
+    assert real is not None
+    damaged_dir = tmp_path / "bundled"
+    damaged_dir.mkdir()
+    (damaged_dir / "pneumoniamnist.npz").write_bytes(real.read_bytes()[:100_000])
+    monkeypatch.setattr(medmnist_module, "BUNDLED_DIR", damaged_dir)
+
+    # When it is looked up, Then the error says what is wrong and what to do, on one line
+    with pytest.raises(ChecksumMismatch) as caught:
+        load_medmnist("pneumoniamnist", "test", data_dir=tmp_path / "empty")
+    message = str(caught.value)
+    assert "\n" not in message
+    assert "bundled pneumoniamnist.npz is damaged" in message and "reinstall fedmq" in message
 
 
 def test_file_without_a_split_is_rejected_naming_the_missing_key(tmp_path: Path) -> None:

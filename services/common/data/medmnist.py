@@ -1,7 +1,10 @@
-"""MedMNIST `.npz` files: registry, checksum-verified download, layout validation, loading.
+"""MedMNIST `.npz` files: registry, lookup, checksum-verified download, layout validation.
 
-A file the user placed in the data directory is used as it is (copies and re-exports of
-MedMNIST differ from the official bytes); only what this module downloads is verified.
+Where `<name>.npz` is looked for, in order: the explicit data directory (`data_dir`, else
+`$FEDMQ_DATA_DIR`), `~/.medmnist`, the copy bundled with fedmq (PneumoniaMNIST only), and
+last a download into the first of those directories. A file the user placed is used as
+it is (copies and re-exports of MedMNIST differ from the official bytes); the bundled copy
+and what this module downloads are verified against their checksums.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from typing import BinaryIO, Literal
 
 import numpy as np
 import numpy.typing as npt
+import structlog
 
 from services.common.data.dataset import (
     ChecksumMismatch,
@@ -27,6 +31,8 @@ from services.common.data.dataset import (
     ImageDataset,
     InvalidDatasetFile,
 )
+
+log = structlog.get_logger(__name__)
 
 Split = Literal["train", "val", "test"]
 SPLITS: tuple[Split, ...] = ("train", "val", "test")
@@ -41,6 +47,10 @@ DOWNLOAD_CHUNK_BYTES = 1 << 20
 
 _NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_+-]*$")
 _ZENODO_V2 = "https://zenodo.org/record/6496656/files/{}.npz?download=1"
+
+
+BUNDLED_DIR = Path(__file__).resolve().parent / "bundled"
+"""Datasets shipped inside the package (see its README.md for provenance and licence)."""
 
 
 class DownloadFailed(DatasetNotFound):
@@ -63,6 +73,8 @@ class MedMnistFile:
     checksum: Checksum
     channels: int
     class_names: tuple[str, ...]
+    bundled: Checksum | None = None
+    """Digest of the copy shipped in `BUNDLED_DIR`, for datasets that ship with fedmq."""
 
     @property
     def num_classes(self) -> int:
@@ -88,6 +100,11 @@ MEDMNIST_FILES: dict[str, MedMnistFile] = {
         ),
         channels=1,
         class_names=("normal", "pneumonia"),
+        # The bundled copy has the official splits and class counts but another train row
+        # order, hence its own digest.
+        bundled=Checksum(
+            "sha256", "8c555c787c4594882835129e3cee6a02cf9b8a6d8aed162b512521a5697177c8"
+        ),
     ),
     # The 28x28 single-label 2D sets of MedMNIST v2 (record 6496656, MD5 from medmnist/info.py).
     "breastmnist": _v2(
@@ -174,11 +191,23 @@ def ensure_medmnist_file(
     download: bool = True,
     url: str | None = None,
 ) -> Path:
-    """Path of `<name>.npz`, downloading it first when it is absent and `download` allows."""
-    path = medmnist_path(name, data_dir)
-    if path.is_file():
-        return path
+    """Path of `<name>.npz`, looked up in order (see the module docstring).
+
+    A placed file wins; then the bundled copy (checksum-verified, announced in one log
+    line); then a download into the first candidate directory when `download` allows.
+    """
+    candidates = candidate_paths(name, data_dir)
+    for path in candidates:
+        if path.is_file():
+            return path
     info = MEDMNIST_FILES.get(name)
+    bundled = bundled_path(name)
+    if bundled is not None:
+        if bundled not in _announced:
+            _announced.add(bundled)
+            log.info("no placed copy found: using the bundled dataset", dataset=name)
+        return bundled
+    target = candidates[0]
     source = url or (info.url if info is not None else None)
     if not download or info is None or source is None:
         reason = (
@@ -186,11 +215,49 @@ def ensure_medmnist_file(
             if not download
             else f"{name!r} has no published checksum to verify a download against"
         )
-        raise DatasetNotFound(_place_it_message(name, path, source, reason))
+        raise DatasetNotFound(_place_it_message(name, target, source, reason))
     try:
-        return download_file(source, path, checksum=info.checksum)
+        return download_file(source, target, checksum=info.checksum)
     except (DownloadFailed, OSError) as error:  # OSError: data_dir not creatable/writable
-        raise DatasetNotFound(_place_it_message(name, path, source, str(error))) from error
+        raise DatasetNotFound(_place_it_message(name, target, source, str(error))) from error
+
+
+def candidate_paths(name: str, data_dir: str | os.PathLike[str] | None = None) -> list[Path]:
+    """Where a placed `<name>.npz` is looked for: the explicit directory, then `~/.medmnist`."""
+    paths = [medmnist_path(name, data_dir), Path.home() / ".medmnist" / f"{name}.npz"]
+    return list(dict.fromkeys(paths))
+
+
+def bundled_path(name: str) -> Path | None:
+    """The copy of `<name>.npz` shipped with fedmq, verified, or None when none ships.
+
+    Raises `ChecksumMismatch` when the shipped file was altered or truncated: a damaged
+    installation must not train silently on other data.
+    """
+    info = MEDMNIST_FILES.get(name)
+    path = BUNDLED_DIR / f"{name}.npz"
+    if info is None or info.bundled is None or not path.is_file():
+        return None
+    _verify_bundled(path, info.bundled)
+    return path
+
+
+_announced: set[Path] = set()
+"""Bundled files already named in a log line by this process (one line, not one per split)."""
+_verified: set[Path] = set()
+
+
+def _verify_bundled(path: Path, checksum: Checksum) -> None:
+    if path in _verified:
+        return
+    digest = hashlib.new(checksum.algorithm, path.read_bytes()).hexdigest()
+    if digest != checksum.hexdigest:
+        raise ChecksumMismatch(
+            f"the bundled {path.name} is damaged ({checksum.algorithm} {digest[:12]}..., "
+            f"expected {checksum.hexdigest[:12]}...): reinstall fedmq, or place a copy in "
+            f"~/.medmnist or the directory named by {DATA_DIR_ENV} / --data-dir"
+        )
+    _verified.add(path)
 
 
 def download_file(
