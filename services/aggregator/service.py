@@ -47,7 +47,13 @@ from services.aggregator.settings import AggregatorSettings
 from services.aggregator.strategies.base import StepResult
 from services.aggregator.task import TaskDefinition
 from services.aggregator.validation import RejectedUpdate
-from services.common.bus import Bus, Delivery, TransportError
+from services.common.bus import (
+    Bus,
+    Delivery,
+    TransportError,
+    is_direct_reply_to,
+    verified_sender,
+)
 from services.common.messaging import decode_delivery, publish_message
 from services.common.topology import (
     EVENTS_EXCHANGE,
@@ -79,6 +85,8 @@ CONTROL_PREFETCH = 4
 EVENTS_PREFETCH = 64
 WATCHED_EVENTS: tuple[EventType, ...] = ("heartbeat", "trainer.left")
 """What the aggregator listens to on the events exchange (liveness of trainers)."""
+BAD_REPLY_TO_REASON = "bad-reply-to"
+"""A join naming a reply address other than the broker's direct reply-to: never answered."""
 
 
 @dataclass
@@ -274,14 +282,24 @@ class AggregatorService:
         self, delivery: Delivery, reason: str, detail: str, *, update: ModelUpdate | None = None
     ) -> None:
         self._metrics.on_rejected(reason)
+        sender = verified_sender(delivery)
         self._log.warning(
             "message_rejected",
             reason=reason,
             detail=detail,
             message_id=delivery.message_id,
             trainer=update.trainer_id if update else None,
+            sender=sender,
         )
-        self._bus.dead_letter(delivery, reason=reason, detail=detail)
+        # The sender named is the broker-checked login, never a claim of the body.
+        detail = f"{detail} (sent by {sender!r})" if sender else f"{detail} (sender unverified)"
+        try:
+            self._bus.dead_letter(delivery, reason=reason, detail=detail)
+        except TransportError as error:
+            # The copy was refused (a full or missing dead-letter queue): drop the original
+            # rather than let it come back and be refused again forever.
+            self._log.error("dead_letter_failed", reason=reason, error=str(error))
+            self._drop(delivery)
         rejection = Rejection(
             reason=reason,
             detail=detail[:4096],
@@ -294,7 +312,22 @@ class AggregatorService:
 
     # -- joins and events ----------------------------------------------------------------
 
+    def _drop(self, delivery: Delivery) -> None:
+        try:
+            self._bus.reject(delivery)
+        except TransportError as error:
+            self._log.error("reject_failed", error=str(error))
+
     def _on_join(self, delivery: Delivery) -> None:
+        reply_to = delivery.properties.reply_to
+        if reply_to and not is_direct_reply_to(reply_to):
+            # Checked before anything else, so no reply of any kind reaches a named queue.
+            detail = (
+                f"reply_to {reply_to[:128]!r} is not the broker's direct reply-to "
+                "(amq.rabbitmq.reply-to.*); replies never go to a named queue"
+            )
+            self._dead_letter(delivery, BAD_REPLY_TO_REASON, detail)
+            return
         try:
             request = self._decode(delivery, JoinRequest)
         except DecodeError as error:
@@ -327,7 +360,7 @@ class AggregatorService:
         self._dead_letter(delivery, reason, detail)
 
     def _reply(self, request: Delivery, message: BaseModel) -> None:
-        if not request.properties.reply_to:
+        if not is_direct_reply_to(request.properties.reply_to):
             return
         try:
             self._bus.reply(

@@ -10,7 +10,7 @@ from __future__ import annotations
 import structlog
 
 from schemas import DecodeError, GlobalModel
-from services.common.bus import Bus, Delivery
+from services.common.bus import Bus, Delivery, TransportError
 from services.common.messaging import decode_delivery
 
 WRONG_TASK_REASON = "wrong-task"
@@ -52,13 +52,33 @@ class ModelFollower:
         try:
             model = decode_delivery(delivery, (GlobalModel,))
         except DecodeError as error:
-            self._log.warning("unreadable model dead-lettered", reason=error.reason.value)
-            self._bus.dead_letter(delivery, reason=error.reason.value, detail=error.detail)
+            self._discard(delivery, error.reason.value, error.detail)
             return None
         if model.task_id != self._task_id:
             detail = f"model of task {model.task_id!r} on a follower queue of {self._task_id!r}"
-            self._log.warning("model of another task dead-lettered", other=model.task_id)
-            self._bus.dead_letter(delivery, reason=WRONG_TASK_REASON, detail=detail)
+            self._discard(delivery, WRONG_TASK_REASON, detail)
             return None
         self._bus.ack(delivery)
         return model
+
+    def _discard(self, delivery: Delivery, reason: str, detail: str) -> None:
+        """Dead-letter a foreign message; when this login may not, drop it and go on.
+
+        A least-privilege trainer login has no write permission on `fedmq.dlx`: the refusal
+        must not end the trainer (anyone able to put one message in its queue could).
+        """
+        self._log.warning(
+            "foreign message on the follower queue",
+            reason=reason,
+            detail=detail[:256],
+            kind=delivery.kind,
+            sender=delivery.properties.user_id,
+        )
+        try:
+            self._bus.dead_letter(delivery, reason=reason, detail=detail)
+        except TransportError as error:
+            self._log.warning("could not dead-letter it; dropped", error=str(error))
+            try:
+                self._bus.reject(delivery)
+            except TransportError as again:
+                self._log.warning("could not drop it either; it comes back", error=str(again))

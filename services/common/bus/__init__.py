@@ -7,6 +7,8 @@ from services.common.bus.base import (
     Delivery,
     Handler,
     MessageProperties,
+    is_direct_reply_to,
+    verified_sender,
 )
 from services.common.bus.errors import (
     AccessRefused,
@@ -44,4 +46,6 @@ __all__ = [
     "TlsError",
     "TransportError",
     "Unroutable",
+    "is_direct_reply_to",
+    "verified_sender",
 ]

@@ -32,6 +32,12 @@ CONTENT_TYPE: Final = "application/x-msgpack"
 """Every fedmq body is msgpack."""
 DIRECT_REPLY_TO: Final = "amq.rabbitmq.reply-to"
 """RabbitMQ's pseudo-queue for RPC replies without a reply queue per caller."""
+DIRECT_REPLY_PREFIX: Final = DIRECT_REPLY_TO + "."
+"""What the broker turns `reply_to=amq.rabbitmq.reply-to` into: an address that routes only
+to the channel that sent the request, so a reply can never land in someone else's queue."""
+FEDMQ_HEADER_PREFIX: Final = "x-fedmq-"
+"""Headers only fedmq itself writes (dead-letter reasons, the verified sender): a copy a
+sender supplied is dropped, so nobody can make a dead letter blame another site."""
 DEFAULT_PUBLISH_TIMEOUT_S: Final = 30.0
 """How long `publish` waits for a broker confirm, including a reconnect."""
 DEFAULT_RPC_TIMEOUT_S: Final = 30.0
@@ -131,10 +137,19 @@ class Bus(ABC):
         headers: Mapping[str, object] | None = None,
         timeout: float = DEFAULT_PUBLISH_TIMEOUT_S,
     ) -> str:
-        """Answer an RPC `request` (see `call`) on its reply-to address."""
+        """Answer an RPC `request` (see `call`) on its direct reply-to address.
+
+        A `reply_to` naming a queue is refused (ValueError): publishing there through the
+        default exchange would let a requester aim replies at another participant's queue.
+        """
         reply_to = request.properties.reply_to
         if not reply_to:
             raise ValueError(f"message {request.message_id!r} has no reply_to to answer")
+        if not is_direct_reply_to(reply_to):
+            raise ValueError(
+                f"message {request.message_id!r} asks for a reply to {reply_to[:128]!r}, "
+                f"which is not the broker's direct reply-to ({DIRECT_REPLY_PREFIX}...)"
+            )
         return self.publish(
             "",
             reply_to,
@@ -216,6 +231,22 @@ class Bus(ABC):
         self.close()
 
 
+def is_direct_reply_to(address: str | None) -> bool:
+    """Whether `address` is a direct reply-to address the broker issued (routes to its caller)."""
+    return bool(address) and str(address).startswith(DIRECT_REPLY_PREFIX)
+
+
+def verified_sender(delivery: Delivery) -> str | None:
+    """The broker-checked login of the sender: `user_id` when present (RabbitMQ refuses a
+    `user_id` that is not the publisher's login), else None."""
+    return delivery.properties.user_id or None
+
+
+def without_fedmq_headers(headers: Mapping[str, object]) -> dict[str, object]:
+    """`headers` less every `x-fedmq-*` one (those are fedmq's to write, never a sender's)."""
+    return {k: v for k, v in headers.items() if not k.lower().startswith(FEDMQ_HEADER_PREFIX)}
+
+
 def new_message_id() -> str:
     """A fresh message id (uuid4, hex)."""
     return uuid.uuid4().hex
@@ -251,12 +282,13 @@ def dead_letter_properties(delivery: Delivery, *, reason: str, detail: str) -> M
     """Properties of the dead-lettered copy: the original ones plus fedmq's reason headers.
 
     `user_id` moves into a header: the broker refuses a `user_id` that is not the login
-    of whoever publishes the copy.
+    of whoever publishes the copy. Every `x-fedmq-*` header the sender put on the original
+    is dropped first, so the reason and the sender recorded are fedmq's, never forged.
     """
     if not reason:
         raise ValueError("a dead letter needs a non-empty reason")
     original = delivery.properties
-    headers: dict[str, object] = dict(original.headers)
+    headers = without_fedmq_headers(original.headers)
     headers[REASON_HEADER] = reason
     headers[DETAIL_HEADER] = detail[:MAX_DETAIL_CHARS]
     headers[ORIGINAL_EXCHANGE_HEADER] = delivery.exchange
