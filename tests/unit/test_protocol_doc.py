@@ -10,6 +10,7 @@ import pytest
 from schemas import DecodeReason
 from schemas.messages import MESSAGE_TYPES, SCHEMA_VERSION
 from schemas.tensors import ITEMSIZE
+from services.aggregator.service import BAD_REPLY_TO_REASON
 from services.aggregator.strategies.base import Rejection as StrategyReason
 from services.aggregator.validation import RejectReason
 from services.common.bus.base import DIRECT_REPLY_TO, HANDLER_ERROR_REASON
@@ -67,6 +68,7 @@ def test_every_dead_letter_reason_the_code_gives_is_in_the_reason_table(text: st
         *(r.value for r in StrategyReason),
         HANDLER_ERROR_REASON,
         WRONG_TASK_REASON,
+        BAD_REPLY_TO_REASON,
     }
     # Then each has a row saying what the sender should do, and no row is invented
     documented = _reason_table(text)
