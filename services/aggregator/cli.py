@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from services.aggregator.recipe import stable_spec, stable_strategy
 from services.aggregator.settings import AggregatorSettings
 from services.aggregator.task import TaskDefinition, load_task, with_consistent_spec
 
@@ -66,7 +67,12 @@ def register(subcommands: Any) -> None:
         "--uniform-weights",
         action="store_true",
         help="weigh buffered updates alike, not by site size (sites that train the same "
-        "number of local steps do the same work)",
+        "number of local steps do the same work; FedBuff's default)",
+    )
+    parser.add_argument(
+        "--sample-weighted",
+        action="store_true",
+        help="weigh buffered updates by site size (FedAvg's rule for whole local epochs)",
     )
     parser.add_argument("--trainer-keys", type=Path, help="trainers' public keys (file or dir)")
     parser.add_argument(
@@ -101,16 +107,21 @@ def settings_from_args(args: argparse.Namespace) -> AggregatorSettings:
 
 
 def task_from_args(args: argparse.Namespace, settings: AggregatorSettings) -> TaskDefinition:
-    """The task file when given, else a task built from the flags (defaults: cnn-small)."""
+    """The task file when given, else a task built from the flags over the stable recipe
+    (`services.aggregator.recipe`: cnn-small, FedBuff K=4, uniform weights, server lr 0.5,
+    16 local steps at lr 0.003)."""
     if settings.task_file is not None:
         return _with_signatures(with_consistent_spec(load_task(settings.task_file)), settings)
     spec: dict[str, Any] = {"task_id": settings.task_id, "model": "cnn-small", "num_classes": 2}
-    spec.update(_given(args, _SPEC_FLAGS))
+    spec.update(stable_spec(_given(args, _SPEC_FLAGS)))
     if args.fedbn:
         spec["fedbn"] = True
-    strategy = _given(args, _STRATEGY_FLAGS)
+    given = _given(args, _STRATEGY_FLAGS)
     if args.uniform_weights:
-        strategy["sample_weighted"] = False
+        given["sample_weighted"] = False
+    if args.sample_weighted:
+        given["sample_weighted"] = True
+    strategy = stable_strategy(given)
     definition = {"spec": spec, "strategy": strategy}
     return _with_signatures(
         with_consistent_spec(TaskDefinition.model_validate(definition)), settings

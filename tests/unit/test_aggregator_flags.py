@@ -30,8 +30,30 @@ def test_strategy_flags_reach_the_strategy_and_the_rest_keeps_its_defaults(
     assert task.spec.model == "cnn-small"
 
 
-def test_updates_are_weighted_by_site_size_unless_uniform_weights_is_given(
+def test_fedbuff_weighs_updates_alike_unless_sample_weighted_is_given(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    task = _task("--strategy", "fedbuff", monkeypatch=monkeypatch)
-    assert task.strategy.sample_weighted is True
+    assert _task("--strategy", "fedbuff", monkeypatch=monkeypatch).strategy.sample_weighted is False
+    weighted = _task("--sample-weighted", monkeypatch=monkeypatch)
+    assert weighted.strategy.sample_weighted is True
+
+
+def test_without_flags_the_task_is_the_stable_recipe(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Given no flag at all, When the task is built
+    task = _task(monkeypatch=monkeypatch)
+    # Then it is FedBuff K=4, uniform, server lr 0.5, 16 local steps at lr 0.003
+    strategy, spec = task.strategy, task.spec
+    assert (strategy.name, strategy.buffer_size, strategy.server_lr) == ("fedbuff", 4, 0.5)
+    assert strategy.sample_weighted is False
+    assert (spec.local_steps, spec.learning_rate, spec.optimizer) == (16, 0.003, "sgd")
+    assert spec.strategy == "fedbuff" and spec.synchronous is False
+
+
+def test_other_strategies_keep_their_own_rules_and_local_epochs_mean_whole_epochs(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Given FedAvg with two whole local epochs
+    task = _task("--strategy", "fedavg", "--local-epochs", "2", monkeypatch=monkeypatch)
+    # Then FedAvg weighs by size with server lr 1, and rounds are epochs, not 16 steps
+    assert (task.strategy.sample_weighted, task.strategy.server_lr) == (True, 1.0)
+    assert (task.spec.local_epochs, task.spec.local_steps) == (2, None)
