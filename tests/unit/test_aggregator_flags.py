@@ -57,3 +57,20 @@ def test_other_strategies_keep_their_own_rules_and_local_epochs_mean_whole_epoch
     # Then FedAvg weighs by size with server lr 1, and rounds are epochs, not 16 steps
     assert (task.strategy.sample_weighted, task.strategy.server_lr) == (True, 1.0)
     assert (task.spec.local_epochs, task.spec.local_steps) == (2, None)
+
+
+@pytest.mark.parametrize(
+    "task_file", ["infra/tasks/pneumonia.yaml", "infra/k8s/base/task/pneumonia.yaml"]
+)
+def test_the_shipped_task_files_serve_the_stable_recipe(task_file: str) -> None:
+    # Given a task file shipped for compose or Kubernetes
+    from pathlib import Path
+
+    from services.aggregator.recipe import STABLE_FEDBUFF, STABLE_SPEC
+    from services.aggregator.task import load_task
+
+    task = load_task(Path(__file__).resolve().parents[2] / task_file)
+    # Then its local training and strategy are the recipe's, field by field
+    spec, strategy = task.spec.model_dump(), task.strategy.model_dump()
+    assert {key: spec[key] for key in STABLE_SPEC} == STABLE_SPEC
+    assert {key: strategy[key] for key in STABLE_FEDBUFF} == STABLE_FEDBUFF
