@@ -19,6 +19,7 @@ COMMAND_MODULES = (
     "services.centralized.cli",
     "services.report.cli",
     "services.demo.cli",
+    "services.export.cli",
     "services.security.cli",
 )
 

@@ -2,7 +2,8 @@
 
 Same model zoo, data sources, optimiser and hyperparameters as a federated task; the test
 split is evaluated periodically and each evaluation is appended to `<run_dir>/eval.jsonl`
-as the `EvalReport` the federated evaluator writes, so `fedmq report` compares both.
+as the `EvalReport` the federated evaluator writes, so `fedmq report` compares both. The
+final model is saved in `<run_dir>/checkpoints/` for `fedmq export`.
 """
 
 from __future__ import annotations
@@ -15,13 +16,16 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
 from schemas import EvalReport
+from services.aggregator.checkpoint import Checkpoint, CheckpointStore
+from services.aggregator.layout import ParamLayout
 from services.common.data import ImageDataset, load_site_dataset
-from services.common.models import build_model
+from services.common.models import build_model, state_arrays
 from services.common.training import (
     EvalResult,
     LogitAdjustment,
@@ -36,6 +40,8 @@ from services.report.manifest import RunManifest, write_manifest
 DEFAULT_DATA_SOURCE = "medmnist:pneumoniamnist"
 EVAL_SPLIT = "test"
 """The split the federated evaluator reports on; the baseline must report on the same."""
+MODEL_DIR = "checkpoints"
+"""The final model, in the aggregator's checkpoint format, for `fedmq export RUN_DIR`."""
 
 _TASK_ID_INVALID = re.compile(r"[^A-Za-z0-9_-]")
 _TASK_ID_MAX = 64
@@ -178,6 +184,7 @@ class CentralizedRun:
                     self._evaluate()
         if self._reports[-1].updates_applied != self._steps:
             self._evaluate()
+        self._save_model()
         return CentralizedResult(
             run_dir=Path(self._config.run_dir),
             manifest=self._manifest,
@@ -200,6 +207,27 @@ class CentralizedRun:
             if self._clock() >= self._next_timed_eval:
                 self._evaluate()
         return time.perf_counter() - started - (self._eval_seconds - eval_before)
+
+    def _save_model(self) -> None:
+        """Keep the final model (the last evaluated one) for `fedmq export`."""
+        arrays = state_arrays(self._model)
+        layout = ParamLayout.from_arrays(arrays)
+        height = self._train_set.image_size[0]
+        fingerprint = (
+            f"{task_id_for(self._config.name)}:{self._config.model}:"
+            f"{self._train_set.num_classes}:{self._train_set.channels}:{height}"
+        )
+        checkpoint = Checkpoint(
+            version=self._reports[-1].version,
+            weights=layout.flatten(arrays),
+            integers={name: np.array(arrays[name]) for name in layout.integer_names},
+            strategy_state={},
+            applied_ids=[],
+            updates_applied=self._steps,
+            updates_rejected=0,
+            fingerprint=fingerprint,
+        )
+        CheckpointStore(Path(self._config.run_dir) / MODEL_DIR, keep=1).save(checkpoint)
 
     def _over_budget(self) -> bool:
         budget = self._config.budget_seconds

@@ -263,7 +263,7 @@ def evaluate(
     """
     if _length(dataset) == 0:
         raise ValueError("cannot evaluate on an empty dataset")
-    logits, labels = _predict(model, dataset, batch_size)
+    logits, labels = predict_logits(model, dataset, batch_size=batch_size)
     num_classes = int(logits.shape[1])
     loss = float(F.cross_entropy(logits, labels).item())
     y = labels.numpy()
@@ -278,7 +278,13 @@ def evaluate(
     )
 
 
-def _predict(model: nn.Module, dataset: LabelledImages, batch_size: int) -> Batch:
+def predict_logits(
+    model: nn.Module, dataset: LabelledImages, *, batch_size: int = EVAL_BATCH_SIZE
+) -> Batch:
+    """`(logits (N, K) float32, labels (N,))` of `model` in eval mode, in dataset order.
+
+    The one inference path: `evaluate` scores with it and `fedmq predict` classifies with it.
+    """
     device = _device_of(model)
     was_training = model.training
     model.eval()

@@ -210,3 +210,22 @@ def test_centralized_command_trains_writes_logs_and_prints_a_summary(
     assert [r.updates_applied for r in read_eval_log(tmp_path / "cli-run" / "eval.jsonl")] == [
         0, STEPS_PER_EPOCH,
     ]  # fmt: skip
+
+
+def test_the_final_model_is_saved_for_export_and_scores_as_the_last_evaluation(
+    two_epochs: CentralizedResult, data_dir: Path
+) -> None:
+    # Given a finished two-epoch run
+    from services.common.data import load_site_dataset
+    from services.common.training import evaluate
+    from services.export.source import find_source
+
+    # When its run directory is opened as an export source
+    source = find_source(two_epochs.run_dir)
+    # Then it is the last evaluated model, which scores exactly as that evaluation said
+    last = two_epochs.reports[-1]
+    assert (source.kind, source.checkpoint.version) == ("centralized", last.version)
+    assert source.checkpoint.updates_applied == two_epochs.steps
+    assert source.data_source == "medmnist:pneumoniamnist"
+    test = load_site_dataset("medmnist:pneumoniamnist", split="test", data_dir=data_dir)
+    assert evaluate(source.model(), test).accuracy == last.accuracy

@@ -56,9 +56,17 @@ def _scan(root: Path) -> ImageFolder:
 def _decode(path: str, channels: int, size: int) -> npt.NDArray[np.uint8]:
     try:
         with Image.open(path) as image:
-            converted = image.convert(_PIL_MODES[channels])
-            resized = converted.resize((size, size), Image.Resampling.BILINEAR)
+            return convert_and_resize(image, channels, size)
     except OSError as error:
         raise InvalidDatasetFile(f"cannot decode image {path}: {error}") from error
+
+
+def convert_and_resize(image: Image.Image, channels: int, size: int) -> npt.NDArray[np.uint8]:
+    """PIL's conversion to "L"/"RGB" then PIL's bilinear resize: `(size, size, channels)` uint8.
+
+    What image-folder sources do to every training image (and `fedmq predict` to its inputs).
+    """
+    converted = image.convert(_PIL_MODES[channels])
+    resized = converted.resize((size, size), Image.Resampling.BILINEAR)
     pixels = np.asarray(resized, dtype=np.uint8)
     return pixels if channels == 3 else pixels[:, :, None]

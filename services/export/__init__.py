@@ -1,0 +1,1 @@
+"""Use the trained model: export it in standard formats, classify new images."""
