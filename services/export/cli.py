@@ -23,7 +23,8 @@ def _register_export(subcommands: Any) -> None:
         help="write a checkpoint as safetensors + ONNX + model card",
         description=(
             "Export one model version from a task's checkpoint directory "
-            "(<checkpoint dir>/<task id>) or a `fedmq centralized` run directory: "
+            "(<checkpoint dir>/<task id>; by default the evaluator's best version on val, "
+            "kept in its best/) or a `fedmq centralized` run directory: "
             "model.safetensors, model.onnx (checked against torch with onnxruntime on "
             "real images) and model_card.json (architecture, classes, preprocessing, "
             "scores, provenance, hashes)."
@@ -33,7 +34,9 @@ def _register_export(subcommands: Any) -> None:
     parser.add_argument("--out", type=Path, required=True, help="directory to write")
     which = parser.add_mutually_exclusive_group()
     which.add_argument("--version", type=int, help="export exactly this version")
-    which.add_argument("--latest", action="store_true", help="the newest checkpoint")
+    which.add_argument(
+        "--latest", action="store_true", help="the newest checkpoint, not the best on val"
+    )
     parser.add_argument(
         "--data-source",
         help="the task's medmnist:<name> or folder:<path>: class names, scores, the ONNX "

@@ -17,6 +17,7 @@ import numpy as np
 import numpy.typing as npt
 from torch import nn
 
+from services.aggregator.best import BEST_DIR_NAME, BestModel, load_best
 from services.aggregator.checkpoint import Checkpoint, CheckpointStore, load_checkpoint
 from services.aggregator.layout import ParamLayout
 from services.centralized.trainer import MODEL_DIR as CENTRALIZED_CHECKPOINTS
@@ -95,18 +96,26 @@ class ExportSource:
 def find_source(path: Path, *, version: int | None = None, latest: bool = False) -> ExportSource:
     """The checkpoint `path` designates: a task's checkpoint directory or a centralized run.
 
-    Default: the newest readable checkpoint; `version`: exactly that one.
+    Default: the evaluator's validation-selected best version (`best/`) when there is one,
+    else the newest readable checkpoint; `latest`: the newest; `version`: exactly that one.
     """
     if not path.is_dir():
         raise SourceError(f"{path} is not a directory")
     manifest = _centralized_manifest(path)
     directory = path / CENTRALIZED_CHECKPOINTS if manifest is not None else path
+    best = None if manifest is not None else _best(directory)
+    if best is not None and version is None and not latest:
+        return _best_source(best)
     if not any(_CHECKPOINT.match(p.name) for p in _listing(directory)):
         raise SourceError(_no_checkpoint_message(path, manifest is not None))
     kind: Literal["federated", "centralized"] = (
         "centralized" if manifest is not None else "federated"
     )
-    data_source = None if manifest is None else manifest.get("config", {}).get("data_source")
+    data_source = (
+        manifest.get("config", {}).get("data_source")
+        if manifest is not None
+        else (None if best is None else best.spec.dataset)
+    )
     if version is not None:
         checkpoint_path = directory / f"checkpoint-{version:012d}.ckpt"
         if not checkpoint_path.is_file():
@@ -121,6 +130,33 @@ def find_source(path: Path, *, version: int | None = None, latest: bool = False)
         raise SourceError(f"no readable checkpoint in {directory}")
     newest_path = directory / f"checkpoint-{newest.version:012d}.ckpt"
     return _source(kind, "latest", newest, newest_path, data_source)
+
+
+def _best(directory: Path) -> BestModel | None:
+    try:
+        return load_best(directory)
+    except (OSError, ValueError) as error:
+        raise SourceError(
+            f"the best version in {directory / BEST_DIR_NAME} is unreadable ({error}):"
+            " export --latest or --version N instead"
+        ) from error
+
+
+def _best_source(best: BestModel) -> ExportSource:
+    recorded: dict[str, Any] = {
+        key: best.metadata.get(key)
+        for key in ("selected_by", "validation", "test", "selected_at")
+        if key in best.metadata
+    }
+    return ExportSource(
+        kind="federated",
+        selection="best-on-val",
+        checkpoint=best.checkpoint,
+        path=best.directory / str(best.metadata["checkpoint_file"]),
+        fingerprint=Fingerprint.parse(best.checkpoint.fingerprint),
+        data_source=best.spec.dataset,
+        recorded_scores=recorded,
+    )
 
 
 def _source(

@@ -243,3 +243,34 @@ def test_the_documented_snippets_load_the_artifacts_without_fedmq(
         image.unlink()
     for name, probability in row["probabilities"].items():
         assert abs(printed[name] - probability) <= 1e-5, (name, printed, row)
+
+
+def test_export_defaults_to_the_best_version_on_val_and_latest_is_the_newest(
+    exported: Exported, tmp_path: Path
+) -> None:
+    from schemas import EvalReport, TaskSpec
+    from services.aggregator.best import BestStore
+    from services.export.source import find_source
+
+    # Given checkpoints 6 and 7 and an evaluator that selected version 6 on val
+    store = CheckpointStore(tmp_path / TASK)
+    older = build_model(MODEL, num_classes=2, in_channels=1, image_size=28, seed=11)
+    store.save(_checkpoint(older, 6, {}))
+    store.save(_checkpoint(exported.model, VERSION, {}))
+    spec = TaskSpec(task_id=TASK, model=MODEL, num_classes=2, dataset="medmnist:bloodmnist")
+    validation = EvalReport(
+        task_id=TASK, version=6, split="val", loss=0.4, accuracy=0.8,
+        per_class_accuracy=(0.7, 0.9), num_examples=40, updates_applied=18,
+    )  # fmt: skip
+    BestStore(store.directory, spec=spec).offer(state_arrays(older), validation=validation)
+    # When the directory is exported without a choice, then the best version is
+    best = find_source(store.directory)
+    assert (best.selection, best.checkpoint.version) == ("best-on-val", 6)
+    assert best.data_source == "medmnist:bloodmnist"  # the task's own, from its spec
+    assert best.recorded_scores is not None
+    assert best.recorded_scores["validation"]["balanced_accuracy"] == pytest.approx(0.8)
+    for name, array in best.state_arrays(best.model()).items():
+        assert np.array_equal(array, older.state_dict()[name].numpy()), name
+    # and --latest is the newest checkpoint
+    newest = find_source(store.directory, latest=True)
+    assert (newest.selection, newest.checkpoint.version) == ("latest", VERSION)
