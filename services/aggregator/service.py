@@ -65,7 +65,6 @@ from services.common.topology import (
     event_key,
     events_queue,
     model_key,
-    shared_topology,
     task_topology,
     updates_queue,
 )
@@ -192,10 +191,8 @@ class AggregatorService:
 
     def _declare(self) -> None:
         task = self._task
-        topology = shared_topology().merge(
-            task_topology(
-                task.task_id, max_update_bytes=task.max_update_bytes, queue_type=task.queue_type
-            )
+        topology = task_topology(
+            task.task_id, max_update_bytes=task.max_update_bytes, queue_type=task.queue_type
         )
         self._bus.declare(topology.merge(Topology(queues=(self._watch_queue(),))))
 
@@ -531,7 +528,7 @@ def _sender_check(settings: AggregatorSettings, task: TaskDefinition) -> SenderC
         trainer_keys=settings.trainer_keys,
         signatures_required=task.spec.signatures_required,
         require_user_id_match=settings.require_user_id_match,
-        amqp_url=settings.amqp_url,
+        amqp_url=settings.broker_urls[0],
         replay_window_s=settings.replay_window_s,
     )
 

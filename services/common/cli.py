@@ -27,11 +27,11 @@ def run_topology(args: argparse.Namespace) -> int:
 
     from services.common.bus import TransportError
     from services.common.connect import bus_from_settings
-    from services.common.topology import shared_topology, task_topology
+    from services.common.topology import task_topology
 
     settings = ServiceSettings()
     task_id = args.task_id or settings.task_id
-    topology = shared_topology().merge(task_topology(task_id, queue_type=args.queue_type))
+    topology = task_topology(task_id, queue_type=args.queue_type)
     console = Console()
     try:
         bus = bus_from_settings(settings)

@@ -12,6 +12,12 @@ SettingFlag = tuple[str, str, type, str]
 
 COMMON_FLAGS: tuple[SettingFlag, ...] = (
     ("--amqp-url", "amqp_url", str, "broker URL (default: FEDMQ_AMQP_URL)"),
+    (
+        "--amqp-urls",
+        "amqp_urls",
+        str,
+        "comma-separated URLs of a cluster's nodes (FEDMQ_AMQP_URLS)",
+    ),
     ("--data-source", "data_source", str, "medmnist:<name> or folder:<path>"),
     ("--data-dir", "data_dir", Path, "directory holding MedMNIST .npz files"),
     ("--torch-threads", "torch_threads", int, "intra-op threads for torch (default 1)"),

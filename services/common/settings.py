@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated
 
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from services.common.topology import QueueType
 
 DEFAULT_AMQP_URL = "amqp://guest:guest@localhost:5672/%2F"
 
@@ -16,6 +19,9 @@ class ServiceSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="FEDMQ_", extra="ignore")
 
     amqp_url: str = DEFAULT_AMQP_URL
+    amqp_urls: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    """The nodes of a RabbitMQ cluster, comma-separated; replaces `amqp_url` when given.
+    The bus connects to the first that answers and moves to the next when its node goes."""
     ca_file: Path | None = None
     """CA bundle that signs the broker's certificate (amqps)."""
     cert_file: Path | None = None
@@ -23,6 +29,8 @@ class ServiceSettings(BaseSettings):
     key_file: Path | None = None
     allow_insecure_remote: bool = False
     """Permit plain amqp:// to a host that is not loopback (credentials travel in clear)."""
+    follower_queue_type: QueueType = "classic"
+    """Type of the follower queue a trainer or evaluator declares: `quorum` on a cluster."""
     heartbeat: int = Field(default=30, ge=0, le=600)
     task_id: str = "pneumonia"
     log_level: str = "INFO"
@@ -30,3 +38,15 @@ class ServiceSettings(BaseSettings):
     """JSON logs; default: JSON unless stderr is a terminal."""
     metrics_port: int | None = Field(default=None, ge=0, le=65535)
     """Prometheus endpoint port; none by default, 0 picks a free one."""
+
+    @field_validator("amqp_urls", mode="before")
+    @classmethod
+    def _split_urls(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [url.strip() for url in value.split(",") if url.strip()]
+        return value
+
+    @property
+    def broker_urls(self) -> list[str]:
+        """The URLs the bus tries in turn: `amqp_urls`, else the single `amqp_url`."""
+        return list(self.amqp_urls) or [self.amqp_url]

@@ -171,12 +171,17 @@ def validate_id(value: str, *, what: str = "id") -> str:
     return value
 
 
-def shared_topology() -> Topology:
-    """The five exchanges every task shares, plus the dead-letter queue."""
+def shared_topology(*, queue_type: QueueType = "classic") -> Topology:
+    """The five exchanges every task shares, plus the dead-letter queue.
+
+    On a cluster (`quorum`) the dead-letter queue is replicated like the updates queue, so
+    a dead letter with its reason survives the loss of one node.
+    """
     dead = QueueSpec(
         name=DEAD_QUEUE,
         durable=True,
         arguments={
+            **_type_argument(queue_type),
             "x-message-ttl": DEAD_MESSAGE_TTL_MS,
             "x-max-length": DEAD_QUEUE_MAX_LENGTH,
             "x-max-length-bytes": DEAD_QUEUE_MAX_BYTES,
@@ -243,19 +248,24 @@ def task_topology(
         arguments={"x-queue-type": queue_type, "x-message-ttl": CONTROL_MESSAGE_TTL_MS},
         bindings=(BindingSpec(CONTROL_EXCHANGE, join_key(task_id)),),
     )
-    return shared_topology().merge(Topology(queues=(updates, control)))
+    return shared_topology(queue_type=queue_type).merge(Topology(queues=(updates, control)))
 
 
-def follower_queue(task_id: str, follower_id: str) -> QueueSpec:
+def follower_queue(
+    task_id: str, follower_id: str, *, queue_type: QueueType = "classic"
+) -> QueueSpec:
     """A queue that always holds just the newest model of `task_id` (max-length 1, drop-head).
 
     Durable so a restarted trainer finds the newest model; `x-expires` deletes it once
-    its follower has been gone for `FOLLOWER_QUEUE_EXPIRES_MS`.
+    its follower has been gone for `FOLLOWER_QUEUE_EXPIRES_MS`. `quorum` on a cluster: a
+    classic queue lives on one node and is unreachable while that node is down
+    (docs/decisions/0023-quorum-follower-queues.md).
     """
     return QueueSpec(
         name=follower_queue_name(task_id, follower_id),
         durable=True,
         arguments={
+            **_type_argument(queue_type),
             "x-max-length": 1,
             "x-overflow": "drop-head",
             "x-expires": FOLLOWER_QUEUE_EXPIRES_MS,
@@ -264,13 +274,15 @@ def follower_queue(task_id: str, follower_id: str) -> QueueSpec:
     )
 
 
-def own_follower_topology(task_id: str, follower_id: str) -> Topology:
+def own_follower_topology(
+    task_id: str, follower_id: str, *, queue_type: QueueType = "classic"
+) -> Topology:
     """Only the follower queue: what a least-privilege trainer or evaluator may declare.
 
     Exchanges belong to the operator (definitions.json) or the aggregator; a trainer's
     broker user has no `configure` permission on them.
     """
-    return Topology(queues=(follower_queue(task_id, follower_id),))
+    return Topology(queues=(follower_queue(task_id, follower_id, queue_type=queue_type),))
 
 
 def follower_topology(task_id: str, follower_id: str) -> Topology:
@@ -314,6 +326,14 @@ def events_queue(
         },
         bindings=tuple(BindingSpec(EVENTS_EXCHANGE, p) for p in patterns),
     )
+
+
+def _type_argument(queue_type: QueueType) -> dict[str, object]:
+    """`x-queue-type` for a quorum queue; none for classic (as the queues were always declared,
+    so an existing classic queue stays equivalent)."""
+    if queue_type not in ("classic", "quorum"):
+        raise ValueError(f"queue_type must be 'classic' or 'quorum', got {queue_type!r}")
+    return {"x-queue-type": "quorum"} if queue_type == "quorum" else {}
 
 
 def update_key(task_id: str, trainer_id: str) -> str:

@@ -149,7 +149,13 @@ class EvaluatorService:
         return EXIT_OK
 
     def _run(self) -> None:
-        if not declare_follower(self._bus, self._task, self._who, stop=self._stop):
+        if not declare_follower(
+            self._bus,
+            self._task,
+            self._who,
+            queue_type=self._settings.follower_queue_type,
+            stop=self._stop,
+        ):
             return
         self._schedule.last_version = self._eval_log.last_version()
         if self._schedule.last_version is not None:

@@ -108,7 +108,7 @@ class TrainerService:
         self._backoff = backoff or Backoff()
         self._task = settings.task_id
         self._trainer = settings.trainer_id
-        self._user_id = broker_login(settings.amqp_url)
+        self._user_id = broker_login(settings.broker_urls[0])
         self._follower = ModelFollower(
             bus, follower_queue_name(self._task, self._trainer), task_id=self._task
         )
@@ -157,7 +157,13 @@ class TrainerService:
 
     def _run(self) -> None:
         self._sign = update_signer(self._settings.signing_key_file)
-        if not declare_follower(self._bus, self._task, self._trainer, stop=self._stop):
+        if not declare_follower(
+            self._bus,
+            self._task,
+            self._trainer,
+            queue_type=self._settings.follower_queue_type,
+            stop=self._stop,
+        ):
             raise _Stopped
         dataset = self._dataset if self._dataset is not None else load_training_data(self._settings)
         if len(dataset) == 0:

@@ -8,8 +8,10 @@ stopped with `rabbitmqctl -n NODE stop`. Starting one takes a few seconds.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -61,6 +63,9 @@ class PrivateBroker:
     amqp_port: int = field(default_factory=free_port)
     dist_port: int = field(default_factory=free_port)
     node: str = field(default_factory=lambda: f"fedmqtest-{uuid.uuid4().hex[:8]}@localhost")
+    cookie: str | None = None
+    """Erlang cookie of this node and of the `rabbitmqctl` calls made on it; None: the
+    machine's (that of the broker user). Cluster members share one of their own."""
 
     @property
     def amqp_url(self) -> str:
@@ -96,10 +101,21 @@ class PrivateBroker:
             RABBITMQ_ENABLED_PLUGINS_FILE=str(self.directory / "enabled_plugins"),
             RABBITMQ_PID_FILE=str(self.pid_file),
         )
+        if self.cookie is not None:
+            # A cookie of its own keeps the node (and rabbitmqctl) away from the shared broker.
+            env.update(
+                RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS=f"-setcookie {self.cookie}",
+                RABBITMQ_CTL_ERL_ARGS=f"-setcookie {self.cookie}",
+            )
         return env
 
     def start(self) -> None:
         """Start the node (`rabbitmq-server -detached`) and wait until it accepts AMQP."""
+        self.launch()
+        self.wait_started()
+
+    def launch(self) -> None:
+        """`rabbitmq-server -detached` without waiting: several nodes boot side by side."""
         if not (self.directory / "rabbitmq.conf").exists():
             self.write_config()
         self._hand_to_broker_user()
@@ -110,6 +126,9 @@ class PrivateBroker:
             capture_output=True,
             timeout=CTL_TIMEOUT_S,
         )
+
+    def wait_started(self) -> None:
+        """Wait until a launched node runs and accepts AMQP."""
         self._ctl("wait", str(self.pid_file), "--timeout", str(int(START_TIMEOUT_S)))
         self._wait_for_listener(open_=True)
 
@@ -132,6 +151,15 @@ class PrivateBroker:
         """A full stop and a fresh `rabbitmq-server -detached`; durable state survives."""
         self.stop()
         self.start()
+
+    def kill(self) -> None:
+        """SIGKILL the node's OS process (by its pid file) when `stop` failed."""
+        try:
+            pid = int(self.pid_file.read_text().strip())
+        except (OSError, ValueError):
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
 
     def ctl(self, *args: str) -> str:
         """Run `rabbitmqctl -n NODE ARGS...` and return its standard output."""
@@ -161,6 +189,10 @@ class PrivateBroker:
                     f"{self.node}: port {self.amqp_port} did not {state}\n{self.log_tail()}"
                 )
             time.sleep(0.2)
+
+    def listening(self) -> bool:
+        """Whether the node's AMQP listener accepts connections right now."""
+        return _port_open(self.amqp_port)
 
     def log_tail(self, lines: int = 30) -> str:
         """The last lines of the node's log, for error messages."""
@@ -205,5 +237,5 @@ def running_private_broker(
         try:
             broker.stop()
         except PrivateBrokerError:
-            subprocess.run(["pkill", "-f", broker.node], check=False)
+            broker.kill()
         shutil.rmtree(broker.directory, ignore_errors=True)

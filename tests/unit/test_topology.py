@@ -202,3 +202,32 @@ def test_narrowing_a_watch_queue_refuses_unknown_events_and_the_all_tasks_queue(
         t.events_queue("aggregator", "mnist-1", events=("model.deleted",))  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="task_id"):
         t.events_queue("watcher", events=("heartbeat",))
+
+
+def test_a_quorum_follower_queue_keeps_the_same_limits_and_is_replicated() -> None:
+    # Given / When
+    follower = t.follower_queue("mnist-1", "site-a", queue_type="quorum")
+    # Then
+    assert follower.durable
+    assert dict(follower.arguments) == {
+        "x-queue-type": "quorum",
+        "x-max-length": 1,
+        "x-overflow": "drop-head",
+        "x-expires": 24 * 3600 * 1000,
+    }
+    assert t.own_follower_topology("mnist-1", "site-a", queue_type="quorum").queues == (follower,)
+
+
+def test_a_quorum_task_replicates_its_dead_letter_queue_too() -> None:
+    # Given / When
+    queues = _by_name(t.task_topology("mnist-1", queue_type="quorum"))
+    classic = _by_name(t.task_topology("mnist-1"))
+    # Then the dead letters survive a node loss like the updates do; classic stays as it was
+    assert queues["fedmq.dead"].arguments["x-queue-type"] == "quorum"
+    assert queues["fedmq.mnist-1.updates"].arguments["x-queue-type"] == "quorum"
+    assert "x-queue-type" not in classic["fedmq.dead"].arguments
+
+
+def test_an_unknown_follower_queue_type_is_refused() -> None:
+    with pytest.raises(ValueError, match="queue_type"):
+        t.follower_queue("mnist-1", "site-a", queue_type="stream")  # type: ignore[arg-type]

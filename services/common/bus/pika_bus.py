@@ -5,8 +5,10 @@ pika's BlockingConnection is not thread-safe: the only call another thread makes
 (pika's threaded-consumer example). Handlers run on one worker thread per consumer, so long
 work never starves heartbeats. After a lost connection the I/O thread reconnects with a
 bounded, jittered, capped exponential backoff, re-declares the topology and re-registers
-consumers (pika's ReconnectingExampleConsumer). Opening a connection (URL, TLS, readable
-errors, backoff) lives in `pika_connect`, translating pika's objects in `pika_wire`.
+consumers (pika's ReconnectingExampleConsumer). Given the nodes of a cluster, it connects to
+the first that answers and, after a loss, tries the next node first. Opening a connection
+(URL, TLS, readable errors, backoff) lives in `pika_connect`, translating pika's objects in
+`pika_wire`.
 """
 
 from __future__ import annotations
@@ -120,6 +122,14 @@ class _Consumer:
     retry_at: float = 0.0
 
 
+@dataclass(frozen=True)
+class _Node:
+    """One broker node the bus may connect to: its pika parameters and its redacted URL."""
+
+    params: Any
+    where: str
+
+
 @dataclass(eq=False)
 class _Op:
     fn: Callable[[], Any]
@@ -131,7 +141,7 @@ class PikaBus(Bus):
 
     def __init__(
         self,
-        url: str,
+        url: str | Sequence[str],
         *,
         ca_file: str | None = None,
         cert_file: str | None = None,
@@ -143,16 +153,27 @@ class PikaBus(Bus):
         connect_timeout: float = DEFAULT_CONNECT_TIMEOUT_S,
         connection_name: str | None = None,
     ) -> None:
-        self._params = connection_parameters(
-            url,
-            ca_file=ca_file,
-            cert_file=cert_file,
-            key_file=key_file,
-            allow_insecure_remote=allow_insecure_remote,
-            heartbeat=heartbeat,
-            connection_name=connection_name,
-        )
-        self._where = redact_url(url)
+        urls = [url] if isinstance(url, str) else list(url)
+        if not urls:
+            raise ValueError("a bus needs at least one broker URL")
+        self._nodes = [
+            _Node(
+                connection_parameters(
+                    node_url,
+                    ca_file=ca_file,
+                    cert_file=cert_file,
+                    key_file=key_file,
+                    allow_insecure_remote=allow_insecure_remote,
+                    heartbeat=heartbeat,
+                    connection_name=connection_name,
+                ),
+                redact_url(node_url),
+            )
+            for node_url in urls
+        ]
+        self._node_index = 0
+        """The node tried first at the next connection: the one in use, or the next after it."""
+        self._where = ", ".join(node.where for node in self._nodes)
         tune_socket_reads()
         self._policy = reconnect or ReconnectPolicy()
         self._lock = threading.Lock()
@@ -471,13 +492,14 @@ class PikaBus(Bus):
             self._drop_connection(graceful=False)
             return False
         self._connects += 1
-        log.info("connected", broker=self._where, connects=self._connects)
+        node = self._nodes[self._node_index].where
+        log.info("connected", broker=node, connects=self._connects)
         if not self._first_connect.done():
             self._first_connect.set_result(None)
         return True
 
     def _open(self) -> None:
-        self._conn = open_connection(self._params, self._where)
+        self._conn = self._open_any_node()
         try:
             self._pub = self._open_confirm_channel()
             self._redeclare()
@@ -485,6 +507,29 @@ class PikaBus(Bus):
         except _CONNECTION_ERRORS as exc:
             self._drop_connection(graceful=False)
             raise ConnectionLost(f"connection lost while setting up: {exc!r}") from exc
+
+    def _open_any_node(self) -> Any:
+        """Connect to the first node that answers, starting from `_node_index`.
+
+        A refused login or certificate is raised at once (every node shares them); a node
+        that does not answer passes the turn to the next one.
+        """
+        lost: ConnectionLost | None = None
+        count = len(self._nodes)
+        for offset in range(count):
+            index = (self._node_index + offset) % count
+            node = self._nodes[index]
+            try:
+                connection = open_connection(node.params, node.where)
+            except ConnectionLost as exc:
+                lost = exc
+                if count > 1:
+                    log.info("broker node unreachable; trying the next", node=node.where)
+                continue
+            self._node_index = index
+            return connection
+        assert lost is not None
+        raise lost
 
     def _serve_until_lost(self) -> None:
         try:
@@ -494,7 +539,10 @@ class PikaBus(Bus):
                 self._heal_consumers()
             self._run_queued_ops()  # let work submitted during close (acks) finish
         except _CONNECTION_ERRORS as exc:
-            log.warning("connection lost", broker=self._where, error=repr(exc))
+            node = self._nodes[self._node_index].where
+            log.warning("connection lost", broker=node, error=repr(exc))
+            # Its node may be gone: the next attempt starts with another one.
+            self._node_index = (self._node_index + 1) % len(self._nodes)
         except Exception:
             # A bug here must not kill the I/O thread silently: reconnect from scratch.
             log.exception("unexpected error on the bus I/O thread; reconnecting")
@@ -626,12 +674,27 @@ class PikaBus(Bus):
             self._topology = merged
 
     def _redeclare(self) -> None:
+        """Declare the remembered topology again, one queue at a time.
+
+        On a cluster a queue can be unavailable while its node is down (a classic queue
+        lives on one node): that one is logged and retried with its consumer, the others
+        are declared all the same.
+        """
         if not self._topology.exchanges and not self._topology.queues:
             return
-        try:
-            self._declare_now(self._topology, remember=False)
-        except TransportError as exc:
-            log.error("could not re-declare the topology", error=str(exc))
+        parts = [Topology(exchanges=self._topology.exchanges)]
+        parts += [Topology(queues=(spec,)) for spec in self._topology.queues]
+        for part in parts:
+            try:
+                self._declare_now(part, remember=False)
+            except TransportError as exc:
+                log.error("could not re-declare the topology", error=str(exc))
+
+    def _declare_queue_of(self, consumer: _Consumer) -> None:
+        """Re-declare the consumer's queue if the bus declared it (it may have been lost)."""
+        spec = self._topology.queue(consumer.queue)
+        if spec is not None:
+            self._declare_now(Topology(queues=(spec,)), remember=False)
 
     def _publish_now(
         self, exchange: str, routing_key: str, body: bytes, properties: Any, mandatory: bool
@@ -726,6 +789,9 @@ class PikaBus(Bus):
             self._consumers[consumer.tag] = consumer
 
     def _start_consumer(self, consumer: _Consumer) -> None:
+        if consumer.retry_at:
+            # A retry: the queue may have gone with a cluster node; declaring it is idempotent.
+            self._declare_queue_of(consumer)
         channel = self._connection().channel()
         lease = _Lease()
         try:
