@@ -5,7 +5,6 @@ No I/O and no torch here: both ends of every queue import this and nothing else 
 
 from schemas.codec import (
     CONTENT_TYPE,
-    DEFAULT_MAX_MESSAGE_BYTES,
     SCHEMA_HEADER,
     check_envelope,
     decode,
@@ -13,6 +12,7 @@ from schemas.codec import (
     signing_bytes,
 )
 from schemas.errors import DecodeError, DecodeReason
+from schemas.limits import DEFAULT_MAX_MESSAGE_BYTES, DecodeLimits
 from schemas.messages import (
     SCHEMA_VERSION,
     EvalReport,
@@ -37,6 +37,7 @@ __all__ = [
     "SCHEMA_HEADER",
     "SCHEMA_VERSION",
     "DecodeError",
+    "DecodeLimits",
     "DecodeReason",
     "EvalReport",
     "GlobalModel",

@@ -7,18 +7,20 @@ Nothing but msgpack maps, strings, numbers and `bin` blobs travels: no pickle, n
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any, TypeVar, overload
 
 import msgpack
 from pydantic import BaseModel, ValidationError
 
 from schemas.errors import DecodeError, DecodeReason
+from schemas.limits import DecodeLimits, check_structure
 from schemas.messages import MESSAGE_TYPES, SCHEMA_VERSION, ModelUpdate
 
 CONTENT_TYPE = "application/x-msgpack"
 SCHEMA_HEADER = "fedmq-schema"
-DEFAULT_MAX_MESSAGE_BYTES = 128 * 1024 * 1024
-"""Larger bodies are refused before unpacking (a ResNet-18 update is about 45 MiB)."""
+DEFAULT_LIMITS = DecodeLimits()
+"""Bounds used when the consumer knows no model yet (generous: 4096 tensors, 128 MiB)."""
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -79,21 +81,34 @@ def signing_bytes(update: ModelUpdate) -> bytes:
 
 
 @overload
-def decode(data: bytes, *, max_bytes: int = ...) -> BaseModel: ...
+def decode(
+    data: bytes, *, max_bytes: int | None = ..., limits: DecodeLimits = ...
+) -> BaseModel: ...
 @overload
-def decode(data: bytes, *, accept: tuple[type[M], ...], max_bytes: int = ...) -> M: ...
+def decode(
+    data: bytes,
+    *,
+    accept: tuple[type[M], ...],
+    max_bytes: int | None = ...,
+    limits: DecodeLimits = ...,
+) -> M: ...
 def decode(
     data: bytes,
     *,
     accept: tuple[type[BaseModel], ...] | None = None,
-    max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    max_bytes: int | None = None,
+    limits: DecodeLimits = DEFAULT_LIMITS,
 ) -> BaseModel:
-    """Parse and validate a body; raise `DecodeError` for anything that is not acceptable."""
-    if len(data) > max_bytes:
-        raise DecodeError(
-            DecodeReason.OVERSIZED, f"body of {len(data)} bytes exceeds the limit of {max_bytes}"
-        )
-    fields = _unpack_map(data)
+    """Parse and validate a body; raise `DecodeError` for anything that is not acceptable.
+
+    The body's structure is checked against `limits` (`max_bytes` overrides its byte
+    bound) before anything is unpacked, so a crafted body cannot cost more memory than
+    the limits allow.
+    """
+    if max_bytes is not None:
+        limits = replace(limits, max_bytes=max_bytes)
+    check_structure(data, limits)
+    fields = _unpack_map(data, limits)
     schema = fields.pop("schema", None)
     if schema != SCHEMA_VERSION:
         raise DecodeError(
@@ -129,9 +144,19 @@ def check_envelope(content_type: str | None, headers: Mapping[str, object] | Non
         )
 
 
-def _unpack_map(data: bytes) -> dict[str, Any]:
+def _unpack_map(data: bytes, limits: DecodeLimits) -> dict[str, Any]:
     try:
-        fields = msgpack.unpackb(data, raw=False, strict_map_key=True)
+        # msgpack's own bounds repeat the walk's: a second fence, should the two disagree.
+        fields = msgpack.unpackb(
+            data,
+            raw=False,
+            strict_map_key=True,
+            max_str_len=limits.max_str_len,
+            max_bin_len=limits.max_bin_len,
+            max_array_len=limits.max_array_len,
+            max_map_len=limits.max_map_len,
+            max_ext_len=0,
+        )
     except msgpack.ExtraData:
         raise DecodeError(
             DecodeReason.TRAILING_BYTES, "bytes follow the end of the message"

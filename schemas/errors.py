@@ -20,6 +20,8 @@ class DecodeReason(StrEnum):
     SHAPE_MISMATCH = "shape-mismatch"
     NON_FINITE = "non-finite"
     OVERSIZED = "oversized"
+    TOO_COMPLEX = "too-complex"
+    """More objects, nesting or length than the expected model can need (a decode bomb)."""
     CONTENT_TYPE = "content-type"
 
 

@@ -145,6 +145,20 @@ def follower_permissions(task_id: str, follower: str) -> dict[str, str]:
     }
 
 
+def evaluator_topic_permissions(task_id: str) -> list[dict[str, str]]:
+    """The evaluator publishes its own heartbeats and its reports; it reads its task's models."""
+    task, who = re.escape(task_id), re.escape(EVALUATOR_USER)
+    return [
+        {"exchange": UPDATES_EXCHANGE, "write": NOTHING, "read": NOTHING},
+        {
+            "exchange": EVENTS_EXCHANGE,
+            "write": f"^(heartbeat\\.{task}\\.{who}|eval\\.{task})$",
+            "read": NOTHING,
+        },
+        {"exchange": MODELS_EXCHANGE, "write": NOTHING, "read": f"^model\\.{task}$"},
+    ]
+
+
 def evaluator_permissions(task_id: str) -> dict[str, str]:
     """Like a trainer, but it never publishes updates."""
     own = follower_queue_name(task_id, EVALUATOR_USER)
@@ -166,7 +180,7 @@ def trainer_topic_permissions(task_id: str, trainer: str) -> list[dict[str, str]
         {"exchange": UPDATES_EXCHANGE, "write": f"^update\\.{task}\\.{who}$", "read": NOTHING},
         {
             "exchange": EVENTS_EXCHANGE,
-            "write": f"^(heartbeat\\.{task}\\.{who}|trainer\\.left\\.{task})$",
+            "write": f"^(heartbeat|trainer\\.left)\\.{task}\\.{who}$",
             "read": NOTHING,
         },
         {"exchange": MODELS_EXCHANGE, "write": NOTHING, "read": f"^model\\.{task}$"},
@@ -251,9 +265,15 @@ def build_definitions(
         "vhosts": [{"name": VHOST, "description": "fedmq federated learning"}],
         "permissions": [{"user": u, "vhost": VHOST, **p} for u, p in permissions.items()],
         "topic_permissions": [
-            {"user": t, "vhost": VHOST, **tp}
-            for t in trainer_users
-            for tp in trainer_topic_permissions(task_id, t)
+            *(
+                {"user": t, "vhost": VHOST, **tp}
+                for t in trainer_users
+                for tp in trainer_topic_permissions(task_id, t)
+            ),
+            *(
+                {"user": EVALUATOR_USER, "vhost": VHOST, **tp}
+                for tp in evaluator_topic_permissions(task_id)
+            ),
         ],
         "parameters": [],
         "global_parameters": [],

@@ -141,14 +141,22 @@ class SenderCheck:
         return keys
 
     def _check_login(self, update: ModelUpdate, user_id: str | None) -> None:
-        if user_id == update.trainer_id:
+        self.check_claim(update.trainer_id, user_id=user_id, what="update")
+
+    def check_claim(self, claimed: str, *, user_id: str | None, what: str) -> None:
+        """`RejectedUpdate` unless a message claiming to come from `claimed` may be its.
+
+        The same rule for updates, joins, heartbeats and departures: with per-site logins
+        (`require_user_id_match`) the broker-verified `user_id` must be the claimed id.
+        """
+        if user_id == claimed:
             return
         if not self.require_user_id_match and user_id in (None, self.service_login):
             return
         login = "no user_id" if user_id is None else f"broker login {user_id!r}"
         raise RejectedUpdate(
             RejectReason.IDENTITY_MISMATCH,
-            f"update claims trainer {update.trainer_id!r} but was published with {login}",
+            f"{what} claims sender {claimed!r} but was published with {login}",
         )
 
     def _check_fresh(self, update: ModelUpdate, now: float) -> None:

@@ -23,7 +23,6 @@ from schemas import (
     SCHEMA_HEADER,
     SCHEMA_VERSION,
     DecodeError,
-    DecodeReason,
     GlobalModel,
     Heartbeat,
     JoinAccepted,
@@ -36,17 +35,19 @@ from schemas import (
     TrainerLeft,
     encode,
 )
+from services.aggregator.admission import Admission, update_limits
 from services.aggregator.checkpoint import CheckpointStore
 from services.aggregator.committer import Commit, Committer
 from services.aggregator.core import AggregatorCore, global_model_of
 from services.aggregator.identity import SenderCheck, sender_check
 from services.aggregator.metrics import AggregatorMetrics
+from services.aggregator.poison import PoisonGuard
 from services.aggregator.prefetch import update_bytes, update_prefetch
 from services.aggregator.registry import TrainerRegistry
 from services.aggregator.settings import AggregatorSettings
 from services.aggregator.strategies.base import StepResult
 from services.aggregator.task import TaskDefinition
-from services.aggregator.validation import RejectedUpdate
+from services.aggregator.validation import RejectedUpdate, RejectReason
 from services.common.bus import (
     Bus,
     Delivery,
@@ -123,6 +124,11 @@ class AggregatorService:
         self._clock = clock
         self._registry = TrainerRegistry(timeout=settings.trainer_timeout)
         self._identity = identity if identity is not None else _sender_check(settings, task)
+        self._limits = update_limits(core.layout, max_message_bytes=settings.max_message_bytes)
+        self._admission = Admission(
+            poison=PoisonGuard(store.directory),
+            require_user_id_match=settings.require_user_id_match,
+        )
         self._privacy_spent_logged = False
         self._inbox: queue.Queue[tuple[str, Delivery | None]] = queue.Queue()
         self._pending = _Pending()
@@ -216,6 +222,15 @@ class AggregatorService:
     # -- updates -----------------------------------------------------------------------
 
     def _on_update(self, delivery: Delivery) -> None:
+        refusal = self._admission.refuse(delivery)
+        if refusal is not None:
+            self._core.count_rejection()
+            self._dead_letter(delivery, refusal.reason, refusal.detail)
+            return
+        with self._admission.poison.handling(delivery):
+            self._handle_update(delivery)
+
+    def _handle_update(self, delivery: Delivery) -> None:
         started = time.perf_counter()
         try:
             update = self._decode(delivery, ModelUpdate)
@@ -268,12 +283,7 @@ class AggregatorService:
         self._log.debug("model_stepped", version=self._core.version, applied=len(step.applied))
 
     def _decode(self, delivery: Delivery, cls: type[M]) -> M:
-        limit = self._settings.max_message_bytes
-        if len(delivery.body) > limit:
-            raise DecodeError(
-                DecodeReason.OVERSIZED, f"body of {len(delivery.body)} bytes exceeds {limit}"
-            )
-        return decode_delivery(delivery, accept=(cls,))
+        return decode_delivery(delivery, accept=(cls,), limits=self._limits)
 
     def _dead_letter(
         self, delivery: Delivery, reason: str, detail: str, *, update: ModelUpdate | None = None
@@ -331,6 +341,13 @@ class AggregatorService:
             # The caller waits on its reply-to: tell it why instead of letting it time out.
             self._refuse_join(delivery, error.reason.value, error.detail)
             return
+        try:
+            self._identity.check_claim(
+                request.trainer_id, user_id=verified_sender(delivery), what=f"{request.role} join"
+            )
+        except RejectedUpdate as error:
+            self._refuse_join(delivery, error.reason, error.detail, request=request)
+            return
         if request.task_id != self._task.task_id or self._published is None:
             detail = f"no task {request.task_id!r} is served here"
             self._refuse_join(delivery, "unknown-task", detail, request=request)
@@ -376,10 +393,18 @@ class AggregatorService:
         if delivery.kind not in ("heartbeat", "trainer_left"):
             self._pending.to_ack.append(delivery)
             return
+        own = self._identity.service_login
+        if self._settings.require_user_id_match and verified_sender(delivery) == own:
+            self._pending.to_ack.append(delivery)  # our own timeout notice or heartbeat
+            return
         try:
             event = decode_delivery(delivery, accept=(Heartbeat, TrainerLeft))
+            self._check_event_sender(event, delivery)
         except DecodeError as error:
             self._dead_letter(delivery, error.reason.value, error.detail)
+            return
+        except RejectedUpdate as error:
+            self._dead_letter(delivery, error.reason, error.detail)
             return
         now = self._clock()
         if isinstance(event, Heartbeat) and event.role == "trainer":
@@ -389,6 +414,24 @@ class AggregatorService:
             self._log.info("trainer_left", trainer=event.trainer_id, reason=event.reason)
             self._metrics.on_trainers(len(self._registry))
         self._pending.to_ack.append(delivery)
+
+    def _check_event_sender(self, event: BaseModel, delivery: Delivery) -> None:
+        """A site speaks only for itself: the key's sender, the body's and the login agree."""
+        if isinstance(event, Heartbeat) and event.role == "trainer":
+            claimed = event.sender_id
+        elif isinstance(event, TrainerLeft):
+            claimed = event.trainer_id
+        else:
+            return  # the aggregator's and evaluators' beats change nothing here
+        keyed = delivery.routing_key.rsplit(".", 1)[-1]
+        if keyed != claimed:
+            raise RejectedUpdate(
+                RejectReason.IDENTITY_MISMATCH,
+                f"{delivery.kind} about {claimed!r} sent under routing key"
+                f" {delivery.routing_key!r}",
+            )
+        what = str(delivery.kind)
+        self._identity.check_claim(claimed, user_id=verified_sender(delivery), what=what)
 
     def _announce_join(self, trainer_id: str, *, num_examples: int) -> None:
         self._log.info("trainer_joined", trainer=trainer_id, num_examples=num_examples)
@@ -408,7 +451,7 @@ class AggregatorService:
             left = TrainerLeft(
                 task_id=self._task.task_id, trainer_id=trainer_id, reason="heartbeat-timeout"
             )
-            self._emit("trainer.left", left)
+            self._emit("trainer.left", left, who=trainer_id)
         if now - self._last_heartbeat >= HEARTBEAT_INTERVAL_S:
             self._last_heartbeat = now
             beat = Heartbeat(
@@ -518,7 +561,9 @@ class AggregatorService:
     def _emit(self, event: str, message: Message, *, who: str | None = None) -> None:
         try:
             key = event_key(event, self._task.task_id, who)  # type: ignore[arg-type]
-            publish_message(self._bus, EVENTS_EXCHANGE, key, message)
+            publish_message(
+                self._bus, EVENTS_EXCHANGE, key, message, user_id=self._identity.service_login
+            )
         except TransportError as error:
             self._log.warning("event_publish_failed", event=event, error=str(error))
 

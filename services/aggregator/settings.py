@@ -6,7 +6,6 @@ from pathlib import Path
 
 from pydantic import Field
 
-from schemas import DEFAULT_MAX_MESSAGE_BYTES
 from services.aggregator.accounting import DEFAULT_DELTA
 from services.aggregator.identity import DEFAULT_REPLAY_WINDOW_S
 from services.aggregator.prefetch import DEFAULT_PREFETCH_BYTES
@@ -32,7 +31,9 @@ class AggregatorSettings(ServiceSettings):
     raised to twice the strategy's buffer when smaller."""
     prefetch_bytes: int = Field(default=DEFAULT_PREFETCH_BYTES, gt=0)
     """Byte budget of the unacked updates when `prefetch` is not set."""
-    max_message_bytes: int = Field(default=DEFAULT_MAX_MESSAGE_BYTES, gt=0)
+    max_message_bytes: int | None = Field(default=None, gt=0)
+    """Cap on an update's body; None: derived from the model (its float64 size plus envelope,
+    `schemas.DecodeLimits.for_model`). A value above the derived bound changes nothing."""
     trainer_timeout: float = Field(default=DEFAULT_TRAINER_TIMEOUT_S, gt=0.0)
     aggregator_id: str = "aggregator"
     trainer_keys: Path | None = None

@@ -53,13 +53,14 @@ _PARAMETER_DESCRIPTIONS = {
     "trainer": "the trainer id of the publisher",
     "follower": "the trainer or evaluator id of the follower",
     "sender": "the id of the participant sending the heartbeat",
+    "leaver": "the id of the trainer that left",
     "watcher": "the id of the watcher",
 }
 # (channel name, routing key on fedmq.events, message kind, description)
 _EVENTS: tuple[tuple[str, str, str, str], ...] = (
     ("heartbeat", "heartbeat.{task}.{sender}", "heartbeat", "A participant is alive."),
     ("trainerJoined", "trainer.joined.{task}", "trainer_joined", "A trainer became active."),
-    ("trainerLeft", "trainer.left.{task}", "trainer_left", "A trainer left or timed out."),
+    ("trainerLeft", "trainer.left.{task}.{leaver}", "trainer_left", "A trainer left or timed out."),
     ("modelPublished", "model.published.{task}", "model_published", "A new version exists."),
     ("evalReport", "eval.{task}", "eval_report", "The evaluator scored a version."),
     ("updateRejected", "update.rejected.{task}", "rejection", "A message was dead-lettered."),

@@ -10,7 +10,17 @@ from typing import TypeVar
 
 from pydantic import BaseModel
 
-from schemas import SCHEMA_HEADER, SCHEMA_VERSION, Message, check_envelope, decode, encode, new_id
+from schemas import (
+    SCHEMA_HEADER,
+    SCHEMA_VERSION,
+    DecodeLimits,
+    Message,
+    check_envelope,
+    decode,
+    encode,
+    new_id,
+)
+from schemas.codec import DEFAULT_LIMITS
 from services.common.bus import Bus, Delivery
 
 M = TypeVar("M", bound=BaseModel)
@@ -55,13 +65,15 @@ def publish_message(
     return message_id
 
 
-def decode_delivery(delivery: Delivery, accept: tuple[type[M], ...]) -> M:
+def decode_delivery(
+    delivery: Delivery, accept: tuple[type[M], ...], *, limits: DecodeLimits = DEFAULT_LIMITS
+) -> M:
     """Check the envelope (content type, schema header), then decode one of `accept`.
 
     Raises `schemas.DecodeError` with a reason fit for `x-fedmq-reason`.
     """
     check_envelope(delivery.properties.content_type, delivery.properties.headers)
-    return decode(delivery.body, accept=accept)
+    return decode(delivery.body, accept=accept, limits=limits)
 
 
 def call_message(
@@ -72,6 +84,7 @@ def call_message(
     *,
     accept: tuple[type[M], ...],
     timeout: float,
+    user_id: str | None = None,
 ) -> M:
     """RPC: send `request`, wait for the reply, decode it as one of `accept`.
 
@@ -83,6 +96,7 @@ def call_message(
         encode(request),
         kind=request.kind,
         headers=envelope_headers(),
+        user_id=user_id,
         timeout=timeout,
     )
     return decode_delivery(reply, accept)

@@ -312,7 +312,7 @@ def events_queue(
             raise ValueError(f"unknown events {sorted(unknown)}; expected {sorted(_EVENT_TYPES)}")
         # One exact pattern per kind: `*.*.<task>` would also catch `heartbeat.<other>.<task>`.
         patterns = tuple(
-            f"heartbeat.{task}.*" if event == "heartbeat" else f"{event}.{task}"
+            f"{event}.{task}.*" if event in _SENDER_KEYED else f"{event}.{task}"
             for event in _EVENT_ORDER
             if events is None or event in events
         )
@@ -355,14 +355,16 @@ def join_key(task_id: str) -> str:
 def event_key(event: EventType, task_id: str, who: str | None = None) -> str:
     """Routing key of an event on `fedmq.events`.
 
-    `heartbeat` needs `who` (`heartbeat.<task>.<who>`); every other event is
+    `heartbeat` and `trainer.left` need `who` (`heartbeat.<task>.<who>`,
+    `trainer.left.<task>.<who>`): with the sender in the key, the broker's topic
+    permissions let a site's login publish only its own. Every other event is
     `<event>.<task>` and takes no `who`.
     """
     task = validate_id(task_id, what="task id")
-    if event == "heartbeat":
+    if event in _SENDER_KEYED:
         if who is None:
-            raise ValueError("a heartbeat event key needs `who` (the sender's id)")
-        return f"heartbeat.{task}.{validate_id(who, what='sender id')}"
+            raise ValueError(f"a {event!r} event key needs `who` (the sender's id)")
+        return f"{event}.{task}.{validate_id(who, what='sender id')}"
     if event not in _EVENT_TYPES:
         raise ValueError(f"unknown event {event!r}; expected one of {sorted(_EVENT_TYPES)}")
     if who is not None:
@@ -379,3 +381,5 @@ _EVENT_ORDER: Final[tuple[EventType, ...]] = (
     "update.rejected",
 )
 _EVENT_TYPES: Final = frozenset(_EVENT_ORDER)
+_SENDER_KEYED: Final = frozenset({"heartbeat", "trainer.left"})
+"""Events whose routing key ends with the sender's id."""

@@ -37,7 +37,7 @@ from services.trainer.follower import FOLLOW_POLL_INTERVAL_S, ModelFollower, new
 from services.trainer.heartbeat import HeartbeatSender, Status
 from services.trainer.join import JoinFailed, JoinRefused, join_task
 from services.trainer.local_model import LocalModel, ModelMismatch
-from services.trainer.service import EXIT_FAILED, EXIT_OK, EXIT_REFUSED
+from services.trainer.service import EXIT_FAILED, EXIT_OK, EXIT_REFUSED, broker_login
 
 
 class _Stopped(Exception):
@@ -184,6 +184,7 @@ class EvaluatorService:
             timeout=self._settings.join_timeout,
             stop=self._stop,
             backoff=dataclasses.replace(self._backoff),
+            user_id=broker_login(self._settings.amqp_url),
         )
         if accepted is None:
             raise _Stopped
@@ -206,6 +207,7 @@ class EvaluatorService:
             task_id=self._task,
             sender_id=self._who,
             role="evaluator",
+            user_id=broker_login(self._settings.amqp_url),
             interval=interval,
             status=self._status,
         )

@@ -48,11 +48,13 @@ class HeartbeatSender:
         role: Role,
         interval: float,
         status: Status,
+        user_id: str | None = None,
     ) -> None:
         if interval <= 0:
             raise ValueError(f"heartbeat interval must be positive, got {interval}")
         self._bus = bus
         self._task_id = task_id
+        self._user_id = user_id
         self._sender_id = sender_id
         self._role: Role = role
         self._interval = interval
@@ -88,6 +90,7 @@ class HeartbeatSender:
                 event_key("heartbeat", self._task_id, self._sender_id),
                 heartbeat,
                 persistent=False,
+                user_id=self._user_id,
             )
         except TransportError as error:
             self._log.warning("heartbeat not sent", error=str(error))

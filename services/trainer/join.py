@@ -47,6 +47,7 @@ def join_task(
     backoff: Backoff | None = None,
     rpc_timeout: float = JOIN_RPC_TIMEOUT_S,
     clock: Callable[[], float] = time.monotonic,
+    user_id: str | None = None,
 ) -> JoinAccepted | None:
     """Send `request` until it is accepted; None if `stop` was set meanwhile.
 
@@ -62,7 +63,9 @@ def join_task(
         left = deadline - clock()
         if left <= 0:
             raise JoinTimedOut(f"no aggregator answered within {timeout:g} s ({attempt - 1} tries)")
-        reply = _ask_once(bus, request, timeout=min(rpc_timeout, left), log=log, attempt=attempt)
+        reply = _ask_once(
+            bus, request, timeout=min(rpc_timeout, left), log=log, attempt=attempt, user_id=user_id
+        )
         if isinstance(reply, JoinAccepted):
             return reply
         if isinstance(reply, Rejection):
@@ -78,6 +81,7 @@ def _ask_once(
     timeout: float,
     log: structlog.typing.FilteringBoundLogger,
     attempt: int,
+    user_id: str | None,
 ) -> JoinAccepted | Rejection | None:
     # A fresh `sent_at` per attempt: the aggregator sees when this request was made.
     fresh = request.model_copy(update={"sent_at": time.time()})
@@ -89,6 +93,7 @@ def _ask_once(
             fresh,
             accept=(JoinAccepted, Rejection),
             timeout=timeout,
+            user_id=user_id,
         )
     except RpcTimeout:
         log.info("no aggregator answered the join request yet", attempt=attempt)

@@ -290,6 +290,7 @@ class TrainerService:
             timeout=self._settings.join_timeout,
             stop=self._stop,
             backoff=dataclasses.replace(self._backoff),
+            user_id=self._user_id,
         )
         if accepted is None:
             raise _Stopped
@@ -312,6 +313,7 @@ class TrainerService:
             role="trainer",
             interval=spec.heartbeat_interval,
             status=self._status,
+            user_id=self._user_id,
         )
         self._heartbeat.start()
         return local
@@ -358,7 +360,8 @@ class TrainerService:
         )
         try:
             publish_message(
-                self._bus, EVENTS_EXCHANGE, event_key("trainer.left", self._task), left,
+                self._bus, EVENTS_EXCHANGE, event_key("trainer.left", self._task, self._trainer),
+                left,
                 user_id=self._user_id,
             )  # fmt: skip
         except TransportError as error:

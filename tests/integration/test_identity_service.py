@@ -169,7 +169,8 @@ def test_only_signed_fresh_updates_from_the_logged_in_trainer_are_applied(
 ) -> None:
     # Given an aggregator that knows one site's key, and a probe that joined at version 0
     probe = signer.probe
-    start = probe.join(timeout=JOIN_TIMEOUT_S).model
+    # (the probe's connection is the shared login, so it joins under that name)
+    start = probe.join(timeout=JOIN_TIMEOUT_S, as_id="guest", user_id="guest").model
     assert start.version == 0
     intruder = make_site()  # a broker user, but with no key registered at the aggregator
     good = signer.update(start, 0.2, site)
@@ -208,7 +209,8 @@ def test_a_key_added_to_the_keys_file_is_accepted_without_a_restart(
 ) -> None:
     # Given a new site whose key the aggregator does not know yet
     probe = signer.probe
-    start = probe.join(timeout=JOIN_TIMEOUT_S).model
+    # (the probe's connection is the shared login, so it joins under that name)
+    start = probe.join(timeout=JOIN_TIMEOUT_S, as_id="guest", user_id="guest").model
     newcomer = make_site()
     early = signer.update(start, 0.1, newcomer)
     refused = signer.publish_as(newcomer.user.url, early, user_id=newcomer.trainer_id)

@@ -290,6 +290,7 @@ class EventTap:
                 channel.queue_bind(self.queue, "fedmq.events", f"*.{self.task_id}")
                 channel.queue_bind(self.queue, "fedmq.events", f"*.*.{self.task_id}")
                 channel.queue_bind(self.queue, "fedmq.events", f"heartbeat.{self.task_id}.*")
+                channel.queue_bind(self.queue, "fedmq.events", f"trainer.left.{self.task_id}.*")
                 self._ready.set()
                 for method, _props, body in channel.consume(self.queue, inactivity_timeout=0.2):
                     if self._stop.is_set():

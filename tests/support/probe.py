@@ -70,9 +70,16 @@ class FederationProbe:
         )
         bus.declare(follower_topology(task_id, trainer_id).merge(Topology(queues=(tap,))))
 
-    def join(self, *, timeout: float = 120.0) -> JoinAccepted:
-        """Join by RPC, retrying while no aggregator answers yet."""
-        request = JoinRequest(task_id=self.task_id, trainer_id=self.trainer_id, num_examples=100)
+    def join(
+        self, *, timeout: float = 120.0, as_id: str | None = None, user_id: str | None = None
+    ) -> JoinAccepted:
+        """Join by RPC, retrying while no aggregator answers yet.
+
+        `as_id`/`user_id`: join under another id, vouched for by the broker login `user_id`
+        (an aggregator with per-site logins answers only a join whose id is its login).
+        """
+        trainer_id = as_id or self.trainer_id
+        request = JoinRequest(task_id=self.task_id, trainer_id=trainer_id, num_examples=100)
         deadline = time.monotonic() + timeout
         while True:
             try:
@@ -83,6 +90,7 @@ class FederationProbe:
                     request,
                     accept=(JoinAccepted, Rejection),
                     timeout=5.0,
+                    user_id=user_id,
                 )
             except Exception:
                 if time.monotonic() > deadline:

@@ -62,11 +62,11 @@ def test_publish_message_labels_the_envelope_and_returns_its_message_id() -> Non
     bus = _bus()
     left = _left()
 
-    message_id = publish_message(bus, EVENTS_EXCHANGE, "trainer.left.pneumonia", left)
+    message_id = publish_message(bus, EVENTS_EXCHANGE, "trainer.left.pneumonia.site-a", left)
 
     delivery = _taken(bus)
     assert delivery.body == encode(left)
-    assert delivery.routing_key == "trainer.left.pneumonia"
+    assert delivery.routing_key == "trainer.left.pneumonia.site-a"
     assert delivery.properties.kind == "trainer_left"
     assert delivery.properties.content_type == CONTENT_TYPE
     assert delivery.properties.headers == {SCHEMA_HEADER: SCHEMA_VERSION}

@@ -10,6 +10,7 @@ import pytest
 from schemas import DecodeReason
 from schemas.messages import MESSAGE_TYPES, SCHEMA_VERSION
 from schemas.tensors import ITEMSIZE
+from services.aggregator.poison import POISON_REASON
 from services.aggregator.service import BAD_REPLY_TO_REASON
 from services.aggregator.strategies.base import Rejection as StrategyReason
 from services.aggregator.validation import RejectReason
@@ -69,6 +70,7 @@ def test_every_dead_letter_reason_the_code_gives_is_in_the_reason_table(text: st
         HANDLER_ERROR_REASON,
         WRONG_TASK_REASON,
         BAD_REPLY_TO_REASON,
+        POISON_REASON,
     }
     # Then each has a row saying what the sender should do, and no row is invented
     documented = _reason_table(text)

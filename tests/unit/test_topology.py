@@ -106,12 +106,16 @@ def test_events_queue_for_a_task_matches_every_event_key_of_that_task_only() -> 
     task_keys = [
         t.event_key("heartbeat", "mnist-1", "site-a"),
         t.event_key("trainer.joined", "mnist-1"),
-        t.event_key("trainer.left", "mnist-1"),
+        t.event_key("trainer.left", "mnist-1", "site-a"),
         t.event_key("model.published", "mnist-1"),
         t.event_key("eval", "mnist-1"),
         t.event_key("update.rejected", "mnist-1"),
     ]
-    other_keys = [t.event_key("eval", "other"), t.event_key("heartbeat", "other", "mnist-1")]
+    other_keys = [
+        t.event_key("eval", "other"),
+        t.event_key("heartbeat", "other", "mnist-1"),
+        t.event_key("trainer.left", "other", "mnist-1"),
+    ]
     # Then
     assert all(any(topic_matches(p, key) for p in patterns) for key in task_keys)
     assert not any(topic_matches(p, key) for p in patterns for key in other_keys)
@@ -123,7 +127,7 @@ def test_routing_keys_follow_the_design_table() -> None:
     assert t.join_key("mnist-1") == "join.mnist-1"
     assert t.event_key("heartbeat", "mnist-1", "site-a") == "heartbeat.mnist-1.site-a"
     assert t.event_key("trainer.joined", "mnist-1") == "trainer.joined.mnist-1"
-    assert t.event_key("trainer.left", "mnist-1") == "trainer.left.mnist-1"
+    assert t.event_key("trainer.left", "mnist-1", "site-a") == "trainer.left.mnist-1.site-a"
     assert t.event_key("model.published", "mnist-1") == "model.published.mnist-1"
     assert t.event_key("eval", "mnist-1") == "eval.mnist-1"
     assert t.event_key("update.rejected", "mnist-1") == "update.rejected.mnist-1"
@@ -193,7 +197,7 @@ def test_queue_spec_arguments_are_a_read_only_copy() -> None:
 def test_a_task_watch_queue_can_be_narrowed_to_the_events_its_consumer_handles() -> None:
     queue = t.events_queue("aggregator", "mnist-1", events=("heartbeat", "trainer.left"))
     patterns = [b.routing_key for b in queue.bindings]
-    assert patterns == ["heartbeat.mnist-1.*", "trainer.left.mnist-1"]
+    assert patterns == ["heartbeat.mnist-1.*", "trainer.left.mnist-1.*"]
     assert queue.name == t.events_queue("aggregator", "mnist-1").name
 
 

@@ -195,9 +195,13 @@ class Bus(ABC):
         *,
         kind: str,
         headers: Mapping[str, object] | None = None,
+        user_id: str | None = None,
         timeout: float = DEFAULT_RPC_TIMEOUT_S,
     ) -> Delivery:
-        """Send a request over direct reply-to and return the reply; `RpcTimeout` if none."""
+        """Send a request over direct reply-to and return the reply; `RpcTimeout` if none.
+
+        `user_id` (the login) lets the broker vouch for who asks.
+        """
 
     @abstractmethod
     def get(self, queue: str) -> Delivery | None:

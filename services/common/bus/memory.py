@@ -440,6 +440,7 @@ class InMemoryBus(Bus):
         *,
         kind: str,
         headers: Mapping[str, object] | None = None,
+        user_id: str | None = None,
         timeout: float = DEFAULT_RPC_TIMEOUT_S,
     ) -> Delivery:
         """Request/reply through a private reply-to address, like direct reply-to."""
@@ -454,6 +455,7 @@ class InMemoryBus(Bus):
                 body,
                 kind=kind,
                 headers=headers,
+                user_id=user_id,
                 reply_to=address,
                 correlation_id=new_message_id(),
                 mandatory=True,

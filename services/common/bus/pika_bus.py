@@ -333,6 +333,7 @@ class PikaBus(Bus):
         *,
         kind: str,
         headers: Mapping[str, object] | None = None,
+        user_id: str | None = None,
         timeout: float = DEFAULT_RPC_TIMEOUT_S,
     ) -> Delivery:
         """Request/reply over direct reply-to; `Unroutable` if no queue takes the request."""
@@ -341,6 +342,7 @@ class PikaBus(Bus):
             MessageProperties(
                 kind=kind,
                 message_id=new_message_id(),
+                user_id=user_id,
                 headers=check_headers(headers),
                 reply_to=DIRECT_REPLY_TO,
                 correlation_id=correlation_id,

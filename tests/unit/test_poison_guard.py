@@ -1,0 +1,75 @@
+"""A message in hand when the aggregator died is refused on redelivery; others pass."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from services.aggregator.identity import SenderCheck
+from services.aggregator.poison import MARKER_NAME, MAX_DELIVERIES, PoisonGuard
+from services.aggregator.validation import RejectedUpdate
+from services.common.bus import Delivery, MessageProperties
+
+
+def _delivery(
+    body: bytes, *, redelivered: bool, headers: dict[str, object] | None = None
+) -> Delivery:
+    return Delivery(
+        body=body,
+        properties=MessageProperties(message_id="m-1", headers=headers or {}),
+        exchange="fedmq.updates",
+        routing_key="update.t.site-a",
+        redelivered=redelivered,
+    )
+
+
+def test_given_a_crash_while_handling_when_it_comes_back_then_it_is_refused_once(
+    tmp_path: Path,
+) -> None:
+    # Given a guard that marked a message in hand, and a process that died there
+    bomb = _delivery(b"\x80" * 100, redelivered=False)
+    guard = PoisonGuard(tmp_path)
+    handling = guard.handling(bomb)
+    handling.__enter__()  # never left: the process died inside
+    assert (tmp_path / MARKER_NAME).exists()
+    # When the next process starts and the broker redelivers it
+    restarted = PoisonGuard(tmp_path)
+    # Then that message, and only it, is refused
+    assert restarted.verdict(_delivery(b"\x80" * 99, redelivered=True)) is None
+    assert restarted.verdict(_delivery(b"\x80" * 100, redelivered=True)) is not None
+    assert restarted.verdict(_delivery(b"\x80" * 100, redelivered=True)) is None
+    assert not (tmp_path / MARKER_NAME).exists()
+
+
+def test_a_message_handled_to_the_end_leaves_no_marker(tmp_path: Path) -> None:
+    guard = PoisonGuard(tmp_path)
+    with guard.handling(_delivery(b"ok", redelivered=False)):
+        pass
+    assert PoisonGuard(tmp_path).verdict(_delivery(b"ok", redelivered=True)) is None
+
+
+@pytest.mark.parametrize(
+    ("count", "refused"), [(1, False), (MAX_DELIVERIES - 1, False), (MAX_DELIVERIES, True)]
+)
+def test_a_quorum_delivery_count_at_the_limit_is_poison(
+    tmp_path: Path, count: int, refused: bool
+) -> None:
+    delivery = _delivery(b"x", redelivered=True, headers={"x-delivery-count": count})
+    assert (PoisonGuard(tmp_path).verdict(delivery) is not None) is refused
+
+
+def test_with_per_site_logins_a_claim_must_be_the_verified_login() -> None:
+    check = SenderCheck(require_user_id_match=True, service_login="aggregator")
+    check.check_claim("trainer-site-1", user_id="trainer-site-1", what="heartbeat")
+    for user_id in (None, "trainer-site-2", "aggregator"):
+        with pytest.raises(RejectedUpdate, match="claims sender 'trainer-site-1'"):
+            check.check_claim("trainer-site-1", user_id=user_id, what="heartbeat")
+
+
+def test_with_a_shared_login_a_claim_is_taken_unless_another_login_is_named() -> None:
+    check = SenderCheck(require_user_id_match=False, service_login="guest")
+    check.check_claim("site-a", user_id="guest", what="trainer_left")
+    check.check_claim("site-a", user_id=None, what="trainer_left")
+    with pytest.raises(RejectedUpdate):
+        check.check_claim("site-a", user_id="site-b", what="trainer_left")
