@@ -43,6 +43,7 @@ from services.aggregator.identity import SenderCheck, sender_check
 from services.aggregator.metrics import AggregatorMetrics
 from services.aggregator.poison import PoisonGuard
 from services.aggregator.prefetch import update_bytes, update_prefetch
+from services.aggregator.privacy_ledger import PrivacyLedger
 from services.aggregator.registry import TrainerRegistry
 from services.aggregator.settings import AggregatorSettings
 from services.aggregator.strategies.base import StepResult
@@ -85,6 +86,8 @@ CONTROL_PREFETCH = 4
 EVENTS_PREFETCH = 64
 WATCHED_EVENTS: tuple[EventType, ...] = ("heartbeat", "trainer.left")
 """What the aggregator listens to on the events exchange (liveness of trainers)."""
+PRIVACY_STEPS_KEY = "privacy.steps"
+"""Where a buffered strategy's state keeps the DP release count."""
 BAD_REPLY_TO_REASON = "bad-reply-to"
 """A join naming a reply address other than the broker's direct reply-to: never answered."""
 
@@ -125,6 +128,7 @@ class AggregatorService:
         self._registry = TrainerRegistry(timeout=settings.trainer_timeout)
         self._identity = identity if identity is not None else _sender_check(settings, task)
         self._limits = update_limits(core.layout, max_message_bytes=settings.max_message_bytes)
+        self._ledger = _privacy_ledger(core, store)
         self._admission = Admission(
             poison=PoisonGuard(store.directory),
             require_user_id_match=settings.require_user_id_match,
@@ -517,6 +521,10 @@ class AggregatorService:
         if saved is not None:
             started = time.perf_counter()
             self._store.save(saved)
+            if self._ledger is not None:
+                steps = saved.strategy_state.get(PRIVACY_STEPS_KEY, 0)
+                if isinstance(steps, int | float):
+                    self._ledger.record(int(steps), epsilon=commit.epsilon)
             self._metrics.on_committed(version=saved.version, seconds=time.perf_counter() - started)
             model = global_model_of(self._task.task_id, self._core.layout, saved)
             self._durable_version = saved.version
@@ -566,6 +574,15 @@ class AggregatorService:
             )
         except TransportError as error:
             self._log.warning("event_publish_failed", event=event, error=str(error))
+
+
+def _privacy_ledger(core: AggregatorCore, store: CheckpointStore) -> PrivacyLedger | None:
+    """With DP, the durable release count; the accountant resumes from it if it is ahead."""
+    if core.accountant is None:
+        return None
+    ledger = PrivacyLedger(store.directory)
+    core.accountant.noise.advance_to(ledger.steps)
+    return ledger
 
 
 def _sender_check(settings: AggregatorSettings, task: TaskDefinition) -> SenderCheck:

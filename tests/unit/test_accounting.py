@@ -109,7 +109,7 @@ def test_impossible_steps_or_delta_are_refused(steps: int, delta: float) -> None
 
 
 def _noise(z: float = 1.0) -> GaussianAggregateNoise:
-    return GaussianAggregateNoise(clip_norm=1.0, noise_multiplier=z, seed=0)
+    return GaussianAggregateNoise(clip_norm=1.0, noise_multiplier=z)
 
 
 def test_the_accountant_reports_epsilon_of_the_releases_so_far() -> None:

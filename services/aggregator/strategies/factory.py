@@ -165,5 +165,5 @@ def _privacy(config: StrategyConfig) -> GaussianAggregateNoise | None:
     if config.dp_noise_multiplier is None or config.dp_clip_norm is None:
         return None
     return GaussianAggregateNoise(
-        clip_norm=config.dp_clip_norm, noise_multiplier=config.dp_noise_multiplier, seed=config.seed
+        clip_norm=config.dp_clip_norm, noise_multiplier=config.dp_noise_multiplier
     )

@@ -109,7 +109,7 @@ class BufferedStrategy(Strategy):
         return self._step(weights, now) if self._due(now) else None
 
     def state_dict(self) -> StateDict:
-        """Step count, server-optimizer moments and DP seed/steps (never the buffer)."""
+        """Step count, server-optimizer moments and DP release count (never the buffer)."""
         state = super().state_dict()
         state.update(_prefixed("optimizer", self.optimizer.state_dict()))
         if self.privacy is not None:

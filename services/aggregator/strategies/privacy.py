@@ -8,7 +8,7 @@ K (the buffer size), so one update changes the aggregate by at most C/K.
 from __future__ import annotations
 
 import secrets
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -16,8 +16,15 @@ import numpy as np
 from services.aggregator.strategies.base import FloatVector, StateDict, state_int
 from services.aggregator.strategies.robust import clip_l2, l2_norm
 
-SEED_BITS = 63
-"""Size of a seed drawn from the OS when none is configured (fits a signed 64-bit int)."""
+SEED_BITS = 256
+"""Entropy drawn from the OS for the generator of each release."""
+NoiseSource = Callable[[], np.random.Generator]
+"""Gives the generator of one release's noise."""
+
+
+def fresh_generator() -> np.random.Generator:
+    """A generator seeded from the OS CSPRNG, never used for more than one release."""
+    return np.random.default_rng(secrets.randbits(SEED_BITS))
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,25 +38,27 @@ class NoisyAggregate:
 class GaussianAggregateNoise:
     """Clip, sum, add N(0, (z·C)²) per coordinate, divide by K.
 
-    The noise of step k comes from a generator seeded by `(seed, k)`, so `state_dict`
-    (seed and step count) is enough for a restarted aggregator to continue the exact same
-    noise sequence. The seed is a secret: whoever knows it can subtract the noise, so it
-    lives in the checkpoint, never in a published model or event. Without a configured
-    seed, one is drawn from the OS.
+    Every release draws its noise from a generator freshly seeded by the OS CSPRNG: no
+    seed exists that could be read from a checkpoint or a task file, and a version released
+    again after a restore carries new noise, so two releases never cancel each other's.
+    Only the step count (what the accountant composes) is state; it never goes back
+    (`load_state_dict`, `advance_to`).
     """
 
     def __init__(
-        self, *, clip_norm: float, noise_multiplier: float, seed: int | None = None
+        self,
+        *,
+        clip_norm: float,
+        noise_multiplier: float,
+        source: NoiseSource = fresh_generator,
     ) -> None:
         if clip_norm <= 0:
             raise ValueError(f"DP clip norm must be > 0, got {clip_norm}")
         if noise_multiplier < 0:
             raise ValueError(f"DP noise multiplier must be >= 0, got {noise_multiplier}")
-        if seed is not None and seed < 0:
-            raise ValueError(f"DP seed must be >= 0, got {seed}")
         self.clip_norm = clip_norm
         self.noise_multiplier = noise_multiplier
-        self.seed = secrets.randbits(SEED_BITS) if seed is None else seed
+        self._source = source
         self._steps = 0
 
     @property
@@ -77,17 +86,18 @@ class GaussianAggregateNoise:
         return NoisyAggregate(delta=(total / denominator).astype(np.float32), clipped=clipped)
 
     def state_dict(self) -> StateDict:
-        """Seed and step count: all that is needed to continue the noise sequence."""
-        return {"seed": self.seed, "steps": self._steps}
+        """The step count (releases so far): what the accountant needs after a restart."""
+        return {"steps": self._steps}
 
     def load_state_dict(self, state: StateDict) -> None:
-        """Restore seed and step count."""
-        self.seed = state_int(state, "seed")
-        self._steps = state_int(state, "steps")
+        """Restore the step count (a `seed` left by older checkpoints is ignored)."""
+        self.advance_to(state_int(state, "steps"))
+
+    def advance_to(self, steps: int) -> None:
+        """Count at least `steps` releases: the count only ever grows."""
+        self._steps = max(self._steps, steps)
 
     def _noise(self, size: int) -> FloatVector:
-        sequence = np.random.SeedSequence(self.seed, spawn_key=(self._steps,))
-        rng = np.random.default_rng(sequence)
-        noise = rng.standard_normal(size, dtype=np.float32)
+        noise = self._source().standard_normal(size, dtype=np.float32)
         noise *= np.float32(self.noise_multiplier * self.clip_norm)
         return noise
