@@ -132,7 +132,7 @@ class Preprocessing:
             from services.common.data.imagefolder import convert_and_resize
 
             pixels = convert_and_resize(Image.fromarray(image), self.channels, self.size)
-            return torch.from_numpy(pixels).permute(2, 0, 1).unsqueeze(0).contiguous()
+            return torch.from_numpy(np.array(pixels)).permute(2, 0, 1).unsqueeze(0).contiguous()
         tensor = torch.from_numpy(np.array(image))  # a copy: decoded images may be read-only
         tensor = tensor.unsqueeze(0) if tensor.ndim == 2 else tensor.permute(2, 0, 1)
         return resize_images(convert_channels(tensor.unsqueeze(0), self.channels), self.size)
