@@ -50,6 +50,8 @@ ONNX_TOLERANCE = 1e-4
 DEFAULT_CHECK_IMAGES = 256
 """Real images of the check batch (the first of the test split, else of val)."""
 SCORED_SPLITS = ("val", "test")
+UNSCORED_SPLIT = "all"
+"""Stands for an image folder without held-out splits: checks the graph, is not scored."""
 KNOWN_MODALITIES: dict[str, list[str]] = {"medmnist:pneumoniamnist": ["CR", "DX"]}
 """DICOM modalities of the data a known source was made from (chest X-rays: CR, DX)."""
 
@@ -90,7 +92,11 @@ def export_model(source: ExportSource, options: ExportOptions) -> ExportResult:
     f = source.fingerprint
     splits = _load_splits(options, f.in_channels, f.image_size)
     class_names = _class_names(splits, f.num_classes)
-    scores = {split: _scores(split, evaluate(model, data)) for split, data in splits.items()}
+    scores = {
+        split: _scores(split, evaluate(model, data))
+        for split, data in splits.items()
+        if split != UNSCORED_SPLIT
+    }
     check_split, check_set = _check_set(splits, options.check_images)
     options.out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=options.out.parent, prefix=".partial-export-"))
@@ -193,10 +199,11 @@ def _check_destination(out: Path, overwrite: bool) -> None:
 
 
 def _load_splits(options: ExportOptions, channels: int, size: int) -> dict[str, ImageDataset]:
+    """The held-out splits of the data source (an image folder without them: all of it)."""
     from services.common.data import DatasetError
 
     splits: dict[str, ImageDataset] = {}
-    for split in SCORED_SPLITS:
+    for split in _held_out(options.data_source):
         try:
             splits[split] = load_site_dataset(
                 options.data_source, split=split, data_dir=options.data_dir,
@@ -206,6 +213,16 @@ def _load_splits(options: ExportOptions, channels: int, size: int) -> dict[str, 
             if split == SCORED_SPLITS[-1] and not splits:
                 raise ExportFailed(f"no real images to check the export with: {error}") from error
     return splits
+
+
+def _held_out(data_source: str) -> tuple[str, ...]:
+    if not data_source.startswith("folder:"):
+        return SCORED_SPLITS
+    # A folder without val/ and test/ is read whole (its images trained the model): it can
+    # check the ONNX graph, but its scores would not be held-out ones.
+    root = Path(data_source.removeprefix("folder:")).expanduser()
+    present = tuple(split for split in SCORED_SPLITS if (root / split).is_dir())
+    return present or (UNSCORED_SPLIT,)
 
 
 def _class_names(splits: dict[str, ImageDataset], num_classes: int) -> list[str]:

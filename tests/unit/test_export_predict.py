@@ -274,3 +274,24 @@ def test_export_defaults_to_the_best_version_on_val_and_latest_is_the_newest(
     # and --latest is the newest checkpoint
     newest = find_source(store.directory, latest=True)
     assert (newest.selection, newest.checkpoint.version) == ("latest", VERSION)
+
+
+def test_an_image_folder_without_held_out_splits_checks_the_graph_but_claims_no_scores(
+    exported: Exported, tmp_path: Path
+) -> None:
+    # Given a site's image folder (two classes, no val/ or test/) the model was trained on
+    rng = np.random.default_rng(4)
+    for label in ("normal", "pneumonia"):
+        (tmp_path / "site" / label).mkdir(parents=True)
+        for i in range(3):
+            image = rng.integers(0, 256, (40, 40), dtype=np.uint8)
+            Image.fromarray(image).save(tmp_path / "site" / label / f"{i}.png")
+    # When the checkpoint is exported against it
+    source = f"folder:{tmp_path / 'site'}"
+    out = tmp_path / "out"
+    code = main(["export", str(exported.checkpoints), "--out", str(out), "--data-source", source])
+    # Then the ONNX graph was checked on its images, no score is claimed, PIL's path is named
+    assert code == 0
+    card = read_card(out)
+    assert card.onnx_check.split == "all" and card.onnx_check.images == 6
+    assert card.scores == {} and card.preprocessing["pipeline"] == "pil"
