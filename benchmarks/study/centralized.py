@@ -7,19 +7,18 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from torch.optim.optimizer import register_optimizer_step_post_hook
-
 from benchmarks.study.data import DATA_SOURCE, StudyData
 from benchmarks.study.spec import RunSpec, StudySettings
 from benchmarks.study.timing import TimeModel
 from services.centralized.trainer import CentralizedConfig, run_centralized
+from services.common.optimizers import register_step_hook
 from services.common.training import TrainConfig
 
 
 class OptimizerStepClock:
     """Virtual seconds = optimizer steps taken x seconds of one batch on one site's machine.
 
-    Counts through torch's global optimizer-step hook, so it must be the only training
+    Counts through the local optimizers' global step hook, so it must be the only training
     in the process while it is entered (the study runs one run at a time).
     """
 
@@ -29,7 +28,7 @@ class OptimizerStepClock:
         self._handle: Any = None
 
     def __enter__(self) -> OptimizerStepClock:
-        self._handle = register_optimizer_step_post_hook(self._count)
+        self._handle = register_step_hook(self._count)
         return self
 
     def __exit__(

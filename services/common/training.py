@@ -19,6 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from services.common.optimizers import SGD, Adam, LocalOptimizer
+
 Batch = tuple[torch.Tensor, torch.Tensor]
 LabelledImages = Dataset[tuple[torch.Tensor, int]]
 
@@ -182,7 +184,7 @@ def train_local(
 def _run_epoch(
     model: nn.Module,
     loader: DataLoader[tuple[torch.Tensor, int]],
-    optimizer: torch.optim.Optimizer,
+    optimizer: LocalOptimizer,
     device: torch.device,
     progress: _Progress,
     should_stop: Callable[[], bool],
@@ -204,13 +206,13 @@ def _run_epoch(
 
 def train_step(
     model: nn.Module,
-    optimizer: torch.optim.Optimizer,
+    optimizer: LocalOptimizer,
     images: torch.Tensor,
     labels: torch.Tensor,
     adjustment: LogitAdjustment | None = None,
 ) -> float:
     """One optimizer step on one batch; returns the batch's loss."""
-    optimizer.zero_grad(set_to_none=True)
+    optimizer.zero_grad()
     loss = classification_loss(model(images), labels, adjustment)
     torch.autograd.backward(loss)
     optimizer.step()
@@ -223,14 +225,16 @@ def _pause(seconds: float, should_stop: Callable[[], bool]) -> None:
         time.sleep(min(left, PAUSE_SLICE_S))
 
 
-def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
-    """A fresh optimiser over the model's trainable parameters, as `config` says."""
+def build_optimizer(model: nn.Module, config: TrainConfig) -> LocalOptimizer:
+    """A fresh optimiser over the model's trainable parameters, as `config` says.
+
+    fedmq's own SGD and Adam (services/common/optimizers.py): the same arithmetic as
+    torch.optim's, without the seconds of `torch._dynamo` import on first use.
+    """
     params = [p for p in model.parameters() if p.requires_grad]
     if config.optimizer == "adam":
-        return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
-    return torch.optim.SGD(
-        params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
-    )
+        return Adam(params, lr=config.lr, weight_decay=config.weight_decay)
+    return SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
 
 
 def class_counts(dataset: LabelledImages) -> npt.NDArray[np.int64]:

@@ -36,6 +36,8 @@ class FederationPlan:
     dirichlet_alpha: float = 0.5
     stragglers: int = 0
     straggler_slowdown: float = 5.0
+    slow_sites: tuple[int, ...] | None = None
+    """Which sites are slow; None: the last `stragglers` ones."""
     data_dir: Path | None = None
     seed: int = 0
     aggregator_flags: tuple[str, ...] = ()
@@ -48,8 +50,12 @@ class FederationPlan:
         return f"site-{index}"
 
     def slowdown(self, index: int) -> float:
-        """Simulated slowdown of site `index`: the last `stragglers` sites are slow."""
-        return self.straggler_slowdown if index >= self.trainers - self.stragglers else 1.0
+        """Simulated slowdown of site `index` (`slow_sites`, else the last `stragglers`)."""
+        if self.slow_sites is not None:
+            slow = index in self.slow_sites
+        else:
+            slow = index >= self.trainers - self.stragglers
+        return self.straggler_slowdown if slow else 1.0
 
 
 @dataclass
@@ -129,6 +135,19 @@ class Federation:
     def alive(self) -> dict[str, bool]:
         """Which processes still run, by name."""
         return {child.name: child.process.poll() is None for child in self._children}
+
+    def cpu_seconds(self) -> dict[str, float]:
+        """CPU time (user + system) each running process has used so far, from /proc."""
+        ticks = os.sysconf("SC_CLK_TCK")
+        result: dict[str, float] = {}
+        for child in self._children:
+            try:
+                stat = Path(f"/proc/{child.process.pid}/stat").read_text()
+            except OSError:
+                continue  # exited, or not Linux
+            fields = stat.rpartition(")")[2].split()
+            result[child.name] = (int(fields[11]) + int(fields[12])) / ticks
+        return result
 
     def stop(self) -> dict[str, int]:
         """SIGTERM trainers first (they say goodbye), then the evaluator, then the aggregator."""
