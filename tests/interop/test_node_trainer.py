@@ -17,6 +17,7 @@ import pytest
 from schemas import GlobalModel
 from services.common.bus import Bus
 from services.common.bus.pika_bus import PikaBus
+from services.common.signing import generate_keypair, public_key_line
 from services.common.topology import (
     control_queue,
     events_queue,
@@ -68,10 +69,21 @@ def bus(amqp_url: str, task_id: str) -> Iterator[Bus]:
 
 
 @pytest.fixture
-def aggregator(task_id: str, tmp_path: Path, amqp_url: str) -> Iterator[ServiceProcess]:
+def seed(tmp_path: Path) -> bytes:
+    """The JS trainer's Ed25519 seed; its public key is registered in `tmp_path/keys`."""
+    private, public = generate_keypair()
+    (tmp_path / "keys").write_text(public_key_line(JS_TRAINER, public) + "\n")
+    return private
+
+
+@pytest.fixture
+def aggregator(
+    task_id: str, tmp_path: Path, amqp_url: str, seed: bytes
+) -> Iterator[ServiceProcess]:
     # FedAsync with a constant staleness function: each update moves the model by
     # ALPHA * delta, so the model after the trainer's updates can be predicted exactly.
-    # bfloat16 makes the trainer use the encoding that is easiest to get wrong.
+    # bfloat16 makes the trainer use the encoding that is easiest to get wrong, and the
+    # registered key makes every update carry a signature over the canonical bytes.
     process = ServiceProcess(
         [
             "aggregator",
@@ -89,6 +101,8 @@ def aggregator(task_id: str, tmp_path: Path, amqp_url: str) -> Iterator[ServiceP
             "constant",
             "--precision",
             "bfloat16",
+            "--trainer-keys",
+            str(tmp_path / "keys"),
         ],
         log_path=tmp_path / "aggregator.log",
         env={"FEDMQ_AMQP_URL": amqp_url},
@@ -98,12 +112,13 @@ def aggregator(task_id: str, tmp_path: Path, amqp_url: str) -> Iterator[ServiceP
     assert process.terminate() == 0, process.output()[-3000:]
 
 
-def _run_trainer(node: str, task_id: str, amqp_url: str) -> list[dict[str, Any]]:
+def _run_trainer(node: str, task_id: str, amqp_url: str, seed: bytes) -> list[dict[str, Any]]:
     command = [
         node,
         str(TRAINER),
         *("--url", amqp_url, "--task", task_id, "--trainer", JS_TRAINER),
         *("--updates", str(UPDATES), "--malformed", "--timeout", "90"),
+        *("--signing-key", seed.hex()),
     ]
     done = subprocess.run(
         command, capture_output=True, text=True, timeout=NODE_TIMEOUT_S, check=False
@@ -128,21 +143,23 @@ def _signs(model: GlobalModel) -> np.ndarray:
 
 
 def test_a_javascript_trainer_joins_sends_applied_updates_and_a_malformed_one_is_dead_lettered(
-    bus: Bus, aggregator: ServiceProcess, task_id: str, amqp_url: str
+    bus: Bus, aggregator: ServiceProcess, task_id: str, amqp_url: str, seed: bytes
 ) -> None:
     node = _node()
-    # Given a real aggregator, and a probe holding version 0 and tapping dead letters
+    # Given a real aggregator requiring signed updates, and a probe holding version 0 and
+    # tapping dead letters
     probe = FederationProbe(bus, task_id, "probe", amqp_url=amqp_url)
     start = probe.join().model
     assert start.version == 0
 
     # When the JavaScript trainer joins, sends its updates and one malformed update
-    lines = _run_trainer(node, task_id, amqp_url)
+    lines = _run_trainer(node, task_id, amqp_url, seed)
 
-    # Then it received the whole model and saw every update applied, one version each
+    # Then it received the whole model and saw every (signed) update applied, one version each
     events = {line["event"]: line for line in lines}
     joined = events["joined"]
     assert (joined["version"], joined["precision"]) == (0, "bfloat16")
+    assert joined["signatures_required"] is True
     assert joined["tensors"] == len(start.tensors)
     applied = [line for line in lines if line["event"] == "update_applied"]
     assert [a["new_version"] for a in applied] == [1, 2, 3]

@@ -7,13 +7,15 @@
 // 0, or prints why on stderr and exits 1.
 //
 //   node trainer.mjs --url amqp://guest:guest@127.0.0.1:5672/%2F --task T --trainer js-site \
-//        [--updates 3] [--malformed] [--timeout 60]
+//        [--updates 3] [--malformed] [--signing-key HEX_SEED] [--timeout 60]
+//
+// With `--signing-key` (the 32-byte Ed25519 seed in hex) it signs every update (§12).
 //
 // It does not train a network: the delta of update i is +/- i * 2^-10 (alternating by
 // element), exactly representable in float32, float16 and bfloat16, so a test can predict
 // the model the aggregator publishes.
 
-import { randomBytes } from 'node:crypto';
+import { createPrivateKey, randomBytes, sign } from 'node:crypto';
 import { parseArgs } from 'node:util';
 import { encode, decode } from '@msgpack/msgpack';
 import amqp from 'amqplib';
@@ -48,6 +50,22 @@ function newId() {
 
 function nowSeconds() {
   return Date.now() / 1000;
+}
+
+function fractionalNow() {
+  // §12: `created_at` is signed as a float 64; a JS number with no fractional part would
+  // be encoded as an integer, so keep one (a tenth of a millisecond changes nothing).
+  const now = nowSeconds();
+  return Number.isInteger(now) ? now + 0.0001 : now;
+}
+
+// PKCS #8 wrapping of a raw Ed25519 seed, the form Node's crypto imports.
+const ED25519_PKCS8_PREFIX = Buffer.from('302e020100300506032b657004220420', 'hex');
+
+function signingKey(hexSeed) {
+  const seed = Buffer.from(hexSeed, 'hex');
+  if (seed.length !== 32) throw new ProtocolError('an Ed25519 seed is 32 bytes (64 hex digits)');
+  return createPrivateKey({ key: Buffer.concat([ED25519_PKCS8_PREFIX, seed]), format: 'der', type: 'pkcs8' });
 }
 
 function body(kind, fields) {
@@ -160,6 +178,7 @@ class Trainer {
     this.follower = `fedmq.${this.task}.follow.${this.trainer}`;
     this.watch = `fedmq.${this.task}.watch.${this.trainer}`;
     this.returned = new Set();
+    this.key = options['signing-key'] ? signingKey(options['signing-key']) : null;
   }
 
   async open() {
@@ -244,9 +263,16 @@ class Trainer {
       num_examples: examples,
       delta,
       metrics: { train_steps: 1.5 },
-      created_at: nowSeconds(),
+      created_at: fractionalNow(),
       signature: null,
     };
+    if (spec.signatures_required && this.key === null) {
+      throw new ProtocolError('the task requires signed updates: give --signing-key');
+    }
+    if (this.key !== null) {
+      // §12: sign the canonical bytes, i.e. this very map with signature nil, in this order.
+      update.signature = new Uint8Array(sign(null, body('model_update', update), this.key));
+    }
     const messageId = await this.publish(UPDATES, `update.${this.task}.${this.trainer}`, 'model_update', body('model_update', update), { userId: this.login });
     return { updateId: update.update_id, messageId };
   }
@@ -291,12 +317,10 @@ async function run(options) {
     await trainer.open();
     const examples = 10;
     const { spec, model: first } = await trainer.join(examples);
-    if (spec.signatures_required || spec.fedbn) {
-      throw new ProtocolError('this trainer neither signs updates nor keeps BatchNorm local');
-    }
+    if (spec.fedbn) throw new ProtocolError('this trainer does not keep BatchNorm local');
     const precision = spec.precision;
     const floats = first.tensors.filter((t) => FLOATS.has(t.dtype));
-    say('joined', { version: first.version, tensors: first.tensors.length, float_tensors: floats.length, precision, model: spec.model });
+    say('joined', { version: first.version, tensors: first.tensors.length, float_tensors: floats.length, precision, model: spec.model, signatures_required: spec.signatures_required });
     let model = first;
     await trainer.heartbeat('training', model.version, 0);
     const updates = Number(options.updates);
@@ -335,6 +359,7 @@ const { values } = parseArgs({
     updates: { type: 'string', default: '3' },
     malformed: { type: 'boolean', default: false },
     timeout: { type: 'string', default: '60' },
+    'signing-key': { type: 'string' },
   },
 });
 if (!values.task) {
