@@ -223,7 +223,7 @@ class Trainer {
         });
         const request = { task_id: this.task, trainer_id: this.trainer, num_examples: numExamples, role: 'trainer', sent_at: nowSeconds() };
         rpc.publish(CONTROL, `join.${this.task}`, body('join_request', request), properties('join_request', {
-          replyTo: DIRECT_REPLY_TO, correlationId, deliveryMode: 1, mandatory: true,
+          replyTo: DIRECT_REPLY_TO, correlationId, deliveryMode: 1, mandatory: true, userId: this.login,
         }));
         const message = await reply;
         replies.delete(correlationId);
@@ -249,7 +249,7 @@ class Trainer {
   async heartbeat(state, version, sent) {
     // §10: type MUST be `heartbeat` or the aggregator ignores it.
     const beat = { task_id: this.task, sender_id: this.trainer, role: 'trainer', state, model_version: version, updates_sent: sent, sent_at: nowSeconds() };
-    const props = properties('heartbeat', { deliveryMode: 1 });
+    const props = properties('heartbeat', { deliveryMode: 1, userId: this.login });
     this.channel.publish(EVENTS, `heartbeat.${this.task}.${this.trainer}`, body('heartbeat', beat), props);
     await this.channel.waitForConfirms();
   }
@@ -306,7 +306,8 @@ class Trainer {
 
   async leave(sent) {
     const left = { task_id: this.task, trainer_id: this.trainer, reason: 'shutdown', detail: '', updates_sent: sent, left_at: nowSeconds() };
-    await this.publish(EVENTS, `trainer.left.${this.task}`, 'trainer_left', body('trainer_left', left), { mandatory: false });
+    // §10: the departure's routing key ends with the sender's own id.
+    await this.publish(EVENTS, `trainer.left.${this.task}.${this.trainer}`, 'trainer_left', body('trainer_left', left), { mandatory: false, userId: this.login });
   }
 }
 
