@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 from typing import Any
 
-from services.aggregator.recipe import stable_spec, stable_strategy
+from pydantic import BaseModel
+
+from schemas import TaskSpec
+from services.aggregator.recipe import STABLE_FEDBUFF, STABLE_SPEC, stable_spec, stable_strategy
 from services.aggregator.settings import AggregatorSettings
+from services.aggregator.strategies.factory import StrategyConfig
 from services.aggregator.task import TaskDefinition, load_task, with_consistent_spec
+from services.common.cli_flags import SettingFlag, add_field_flag, add_setting_flags, given_settings
+from services.common.errors import UsageError
+from services.common.model_names import MODEL_NAMES
 
 # Flags that define a task when no task file is given: (flag, spec or strategy field, type).
 _SPEC_FLAGS: tuple[tuple[str, str, type], ...] = (
@@ -50,18 +55,59 @@ _STRATEGY_FLAGS: tuple[tuple[str, str, type], ...] = (
 )
 
 
+# One sentence per task flag; choices and defaults come from `TaskSpec` and `StrategyConfig`.
+_TASK_HELP: dict[str, str] = {
+    "model": "model from the zoo that every site trains",
+    "num_classes": "number of classes the model predicts",
+    "in_channels": "input channels (1 grey, 3 colour)",
+    "image_size": "input side in pixels",
+    "dataset": "data set the sites train on, medmnist:<name> or folder:<path>",
+    "local_epochs": "passes over its data a site makes per local round",
+    "local_steps": "stop a local round after this many batches, even inside an epoch",
+    "batch_size": "local batch size",
+    "learning_rate": "local learning rate",
+    "optimizer": "local optimizer",
+    "momentum": "momentum of the local SGD optimizer",
+    "logit_adjustment": "tau of the logit-adjusted loss (0: plain cross-entropy)",
+    "precision": "precision of the deltas on the wire",
+    "max_update_norm": "reject updates whose L2 norm exceeds this",
+    "seed": "seed of the initial model (and of the strategy's randomness)",
+    "name": "aggregation strategy: fedasync applies each update, fedbuff every buffer-size "
+    "updates, fedavg in synchronous rounds",
+    "alpha": "fedasync: mixing weight of each update",
+    "staleness": "how stale updates are down-weighted",
+    "staleness_a": "exponent (polynomial) or slope (hinge) of the staleness weighting",
+    "staleness_b": "hinge: staleness below which updates keep full weight",
+    "buffer_size": "fedbuff: updates per new model version",
+    "server_optimizer": "server-side optimizer applied to the aggregated delta",
+    "server_lr": "server learning rate",
+    "aggregator": "robust aggregation of a buffer: mean, coordinate-wise median or trimmed mean",
+    "trim_fraction": "trimmed_mean: fraction cut from each end per coordinate",
+    "clip_norm": "clip each update's L2 norm to this before aggregation",
+    "max_staleness": "reject updates staler than this many versions",
+    "clients_per_round": "fedavg: sites sampled per round",
+    "min_updates": "fedavg: updates that close a round",
+    "round_timeout": "fedavg: seconds before a round closes with what arrived",
+    "dp_noise_multiplier": "central DP: Gaussian noise as a multiple of dp-clip-norm",
+    "dp_clip_norm": "central DP: per-update L2 clip",
+}
+
+# Settings flags whose name differs from their field, or that keep their own sentence;
+# every other `AggregatorSettings` field gets a flag named after it.
+_SETTINGS_FLAGS: tuple[SettingFlag, ...] = (
+    ("--replay-window", "replay_window_s", float, ""),
+    ("--require-user-id-match", "require_user_id_match", bool, ""),
+)
+
+
 def register(subcommands: Any) -> None:
     """Add `fedmq aggregator` to the CLI."""
     parser = subcommands.add_parser(
         "aggregator",
         help="run the aggregator of one task",
-        description="Consume updates, apply the strategy, checkpoint, publish models.",
+        description="Consume updates, apply the strategy, checkpoint, publish models. "
+        "The task comes from --task-file, or else from the task flags below (defaults shown).",
     )
-    parser.add_argument("--task-file", type=Path, help="YAML/JSON task definition")
-    parser.add_argument("--task-id", help="task id (default: FEDMQ_TASK_ID or 'pneumonia')")
-    parser.add_argument("--checkpoint-dir", type=Path)
-    parser.add_argument("--checkpoint-every", type=int)
-    parser.add_argument("--metrics-port", type=int)
     parser.add_argument("--fedbn", action="store_true", help="keep BatchNorm local to sites")
     parser.add_argument(
         "--uniform-weights",
@@ -74,36 +120,28 @@ def register(subcommands: Any) -> None:
         action="store_true",
         help="weigh buffered updates by site size (FedAvg's rule for whole local epochs)",
     )
-    parser.add_argument("--trainer-keys", type=Path, help="trainers' public keys (file or dir)")
-    parser.add_argument(
-        "--require-user-id-match",
-        action="store_true",
-        default=None,
-        help="each trainer has its own broker login, equal to its trainer id",
-    )
-    parser.add_argument("--replay-window", type=float, help="seconds (default 600)")
-    parser.add_argument("--dp-delta", type=float, help="delta of the reported epsilon")
-    parser.add_argument("--dp-epsilon-budget", type=float, help="stop before exceeding it")
-    for flag, _field, kind in _SPEC_FLAGS + _STRATEGY_FLAGS:
-        parser.add_argument(flag, type=kind)
+    add_setting_flags(parser, _SETTINGS_FLAGS, model=AggregatorSettings)
+    task = parser.add_argument_group("task (without --task-file)")
+    for flag, field, kind in _SPEC_FLAGS:
+        _add_task_flag(task, flag, field, kind, TaskSpec)
+    for flag, field, kind in _STRATEGY_FLAGS:
+        _add_task_flag(task, flag, field, kind, StrategyConfig)
     parser.set_defaults(func=run)
+
+
+def _add_task_flag(group: Any, flag: str, field: str, kind: type, model: type[BaseModel]) -> None:
+    choices = MODEL_NAMES if field == "model" and model is TaskSpec else None
+    info = model.model_fields.get(field)
+    dest = flag.lstrip("-").replace("-", "_")
+    text = _TASK_HELP.get(field, "")
+    recipe = STABLE_SPEC if model is TaskSpec else STABLE_FEDBUFF
+    default = f"{recipe[field]} (stable recipe)" if field in recipe else None
+    add_field_flag(group, flag, field, kind, text, info, choices, dest=dest, default=default)
 
 
 def settings_from_args(args: argparse.Namespace) -> AggregatorSettings:
     """Environment settings with the flags that were given laid on top."""
-    overrides = {
-        "task_file": args.task_file,
-        "task_id": args.task_id,
-        "checkpoint_dir": args.checkpoint_dir,
-        "checkpoint_every": args.checkpoint_every,
-        "metrics_port": args.metrics_port,
-        "trainer_keys": args.trainer_keys,
-        "require_user_id_match": args.require_user_id_match,
-        "replay_window_s": args.replay_window,
-        "dp_delta": args.dp_delta,
-        "dp_epsilon_budget": args.dp_epsilon_budget,
-    }
-    return AggregatorSettings(**{k: v for k, v in overrides.items() if v is not None})
+    return AggregatorSettings(**given_settings(args, _SETTINGS_FLAGS))
 
 
 def task_from_args(args: argparse.Namespace, settings: AggregatorSettings) -> TaskDefinition:
@@ -164,14 +202,15 @@ def run(args: argparse.Namespace) -> int:
     try:
         core = load_core(task, store)
     except CheckpointFormatError as error:
-        print(f"cannot resume: {error}", file=sys.stderr)
-        return 2
+        raise UsageError(
+            f"cannot resume from {store.directory}: {error}",
+            hint="point --checkpoint-dir elsewhere or move the old checkpoints away",
+        ) from error
     core.accountant = privacy_accountant(
         core.strategy, delta=settings.dp_delta, budget=settings.dp_epsilon_budget
     )
     if settings.dp_epsilon_budget is not None and core.accountant is None:
-        print("an epsilon budget needs central DP (--dp-noise-multiplier)", file=sys.stderr)
-        return 2
+        raise UsageError("an epsilon budget needs central DP (--dp-noise-multiplier)")
     metrics = AggregatorMetrics()
     serve_metrics(metrics.registry, settings.metrics_port)
     bus = bus_from_settings(settings)

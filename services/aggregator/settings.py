@@ -19,12 +19,13 @@ class AggregatorSettings(ServiceSettings):
     task_file: Path | None = None
     """YAML/JSON task definition; without one, flags (or their defaults) define the task."""
     checkpoint_dir: Path = Path("runs/checkpoints")
+    """Directory of the checkpoints, one sub-directory per task (resumed on restart)."""
     checkpoint_every: int = Field(default=1, ge=1)
     """Write a checkpoint (and publish the model) at least every this many versions."""
     checkpoint_interval: float = Field(default=2.0, gt=0.0)
-    """... or when this many seconds passed with versions not yet durable."""
+    """Also checkpoint when this many seconds passed with versions not yet durable."""
     commit_idle_grace: float = Field(default=0.0, ge=0.0)
-    """... or when no message arrived for this many seconds (0: as soon as the inbox is
+    """Also checkpoint when no message arrived for this many seconds (0: as soon as the inbox is
     empty, lowest latency; under a steady stream 0.05 lets one commit cover many versions)."""
     prefetch: int | None = Field(default=None, ge=1)
     """Unacked updates held at once (None: as many as fit in `prefetch_bytes`, at most 128);
@@ -35,7 +36,9 @@ class AggregatorSettings(ServiceSettings):
     """Cap on an update's body; None: derived from the model (its float64 size plus envelope,
     `schemas.DecodeLimits.for_model`). A value above the derived bound changes nothing."""
     trainer_timeout: float = Field(default=DEFAULT_TRAINER_TIMEOUT_S, gt=0.0)
+    """A trainer silent (no heartbeat, no update) for this many seconds counts as gone."""
     aggregator_id: str = "aggregator"
+    """This aggregator's name in events and logs."""
     trainer_keys: Path | None = None
     """Trainers' public keys (a file of `<id> ed25519:<base64>` lines or a dir of `*.pub`):
     when set, only these trainers are accepted and every update must be signed."""

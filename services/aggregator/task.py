@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from schemas import TaskSpec
 from services.aggregator.strategies.factory import StrategyConfig
+from services.aggregator.task_file import invalid_task, read_task_mapping
 from services.common.topology import DEFAULT_MAX_UPDATE_BYTES
 
 
@@ -37,12 +36,15 @@ class TaskDefinition(BaseModel):
 
 
 def load_task(path: Path) -> TaskDefinition:
-    """Read a task file (YAML or JSON) into a validated `TaskDefinition`."""
-    text = path.read_text()
-    raw = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
-    if not isinstance(raw, dict):
-        raise ValueError(f"{path}: a task file is a mapping with `spec` and `strategy`")
-    return TaskDefinition.model_validate(raw)
+    """Read a task file (YAML or JSON) into a validated `TaskDefinition`.
+
+    Raises `MissingInput` or `TaskFileError` naming the file, the line and the field.
+    """
+    raw = read_task_mapping(path)
+    try:
+        return TaskDefinition.model_validate(raw)
+    except ValidationError as error:
+        raise invalid_task(path, error) from error
 
 
 def with_consistent_spec(task: TaskDefinition) -> TaskDefinition:

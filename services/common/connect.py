@@ -25,6 +25,7 @@ def bus_from_settings(settings: ServiceSettings, *, topology: Topology | None = 
         key_file=_text(settings.key_file),
         allow_insecure_remote=settings.allow_insecure_remote,
         heartbeat=settings.heartbeat,
+        connect_timeout=settings.connect_timeout,
         topology=topology,
     )
 

@@ -21,8 +21,10 @@ def configure_logging(*, level: str = "INFO", json: bool | None = None) -> None:
     if not isinstance(numeric_level, int):
         numeric_level = logging.INFO
     logging.basicConfig(level=numeric_level, stream=sys.stderr, format="%(message)s")
-    # pika logs every reconnect attempt at WARNING with a traceback; our bus says it better.
-    logging.getLogger("pika").setLevel(logging.ERROR)
+    # pika logs every failed connection attempt with a traceback; our bus says it in one line.
+    # Its lines are shown only when debugging.
+    pika_level = logging.DEBUG if numeric_level <= logging.DEBUG else logging.CRITICAL
+    logging.getLogger("pika").setLevel(pika_level)
     renderer: structlog.types.Processor = (
         structlog.processors.JSONRenderer() if use_json else structlog.dev.ConsoleRenderer()
     )

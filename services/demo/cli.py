@@ -7,6 +7,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from services.common.model_names import MODEL_NAMES
+
 DEFAULT_DURATION_S = 180.0
 """The demo's training budget: with start-up and shutdown it stays under five minutes."""
 REFRESH_S = 1.0
@@ -21,16 +23,38 @@ def register(subcommands: Any) -> None:
         "partition of PneumoniaMNIST, show progress live, then a summary and a report.",
     )
     demo.add_argument("--trainers", type=int, default=4, help="number of sites (default 4)")
-    demo.add_argument("--partition", choices=("iid", "dirichlet"), default="dirichlet")
+    demo.add_argument(
+        "--partition",
+        choices=("iid", "dirichlet"),
+        default="dirichlet",
+        help="how the data is split among the sites (default: dirichlet)",
+    )
     demo.add_argument("--alpha", type=float, default=0.5, help="Dirichlet alpha (label skew)")
-    demo.add_argument("--model", default="cnn-small")
-    demo.add_argument("--strategy", choices=("fedbuff", "fedasync", "fedavg"), default="fedbuff")
-    demo.add_argument("--duration", type=float, default=DEFAULT_DURATION_S, help="seconds")
+    demo.add_argument(
+        "--model", default="cnn-small", choices=MODEL_NAMES, help="zoo model (default: cnn-small)"
+    )
+    demo.add_argument(
+        "--strategy",
+        choices=("fedbuff", "fedasync", "fedavg"),
+        default="fedbuff",
+        help="aggregation strategy (default: fedbuff)",
+    )
+    demo.add_argument(
+        "--duration",
+        type=float,
+        default=DEFAULT_DURATION_S,
+        help=f"seconds of training (default {DEFAULT_DURATION_S:.0f})",
+    )
     demo.add_argument("--stragglers", type=int, default=0, help="how many sites are slow")
-    demo.add_argument("--straggler-slowdown", type=float, default=5.0)
+    demo.add_argument(
+        "--straggler-slowdown",
+        type=float,
+        default=5.0,
+        help="how many times slower a straggler trains (default 5)",
+    )
     demo.add_argument("--data-dir", type=Path, help="directory holding pneumoniamnist.npz")
     demo.add_argument("--run-dir", type=Path, help="default: runs/demo-<time>")
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--seed", type=int, default=0, help="seed of the partition and models")
     demo.add_argument("--no-live", action="store_true", help="print lines instead of a live view")
     demo.add_argument(
         "--aggregator-flag",
@@ -41,8 +65,14 @@ def register(subcommands: Any) -> None:
     )
     demo.set_defaults(func=run_demo)
 
-    watch = subcommands.add_parser("watch", help="show a running task's progress live")
-    watch.add_argument("--task-id", help="default: FEDMQ_TASK_ID")
+    watch = subcommands.add_parser(
+        "watch",
+        help="show a running task's progress live",
+        description="Attach to a running task: show its current model version, the trainers "
+        "seen, updates applied and rejected and the latest evaluation, refreshed every second. "
+        "Ctrl-C detaches; the federation keeps running.",
+    )
+    watch.add_argument("--task-id", help="task to watch (default: env FEDMQ_TASK_ID)")
     watch.add_argument("--duration", type=float, default=None, help="stop after seconds")
     watch.set_defaults(func=run_watch)
 
@@ -81,7 +111,6 @@ def run_watch(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.live import Live
 
-    from services.common.bus import TransportError
     from services.common.connect import bus_from_settings
     from services.common.settings import ServiceSettings
     from services.demo.status import FederationStatus
@@ -89,11 +118,7 @@ def run_watch(args: argparse.Namespace) -> int:
 
     settings = ServiceSettings()
     console = Console()
-    try:
-        bus = bus_from_settings(settings)
-    except TransportError as error:
-        console.print(f"[red]cannot reach RabbitMQ:[/] {error}")
-        return 2
+    bus = bus_from_settings(settings)
     status = FederationStatus(task_id=args.task_id or settings.task_id)
     deadline = None if args.duration is None else time.monotonic() + args.duration
     with bus:

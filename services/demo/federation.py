@@ -149,6 +149,23 @@ class Federation:
             result[child.name] = (int(fields[11]) + int(fields[12])) / ticks
         return result
 
+    def first_death(self) -> tuple[str, int, str] | None:
+        """A process that exited on its own: (name, exit code, last line of its log)."""
+        for child in self._children:
+            code = child.process.poll()
+            if code is not None:
+                return child.name, code, self.last_log_line(child.name)
+        return None
+
+    def last_log_line(self, name: str) -> str:
+        """The last non-empty line process `name` wrote (its error line when it failed)."""
+        path = self.plan.run_dir / "logs" / f"{name}.log"
+        try:
+            lines = path.read_text(errors="replace").splitlines()
+        except OSError:
+            return ""
+        return next((line.strip() for line in reversed(lines) if line.strip()), "")
+
     def stop(self) -> dict[str, int]:
         """SIGTERM trainers first (they say goodbye), then the evaluator, then the aggregator."""
         codes: dict[str, int] = {}

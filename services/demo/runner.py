@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
+from services.common.errors import ChildDied
 from services.common.settings import ServiceSettings
 from services.demo.federation import Federation, FederationPlan
 from services.demo.status import FederationStatus
@@ -44,33 +45,13 @@ class DemoOptions:
 
 def run_federation(options: DemoOptions, *, settings: ServiceSettings, console: Console) -> int:
     """Run one demo federation to its time budget; return the process exit code."""
-    from services.common.bus import TransportError
-    from services.common.cli import HOW_TO_START_A_BROKER
     from services.common.connect import bus_from_settings
-
-    try:
-        bus = bus_from_settings(settings)
-    except TransportError as error:
-        console.print(f"[red]fedmq demo needs RabbitMQ and none answered:[/] {error}")
-        console.print(HOW_TO_START_A_BROKER)
-        return 2
-    data_file = _check_data(options, console)
-    if data_file is None:
-        bus.close()
-        return 2
-    with bus:
-        return _run(options, bus, console, data_file)
-
-
-def _check_data(options: DemoOptions, console: Console) -> Path | None:
-    from services.common.data.dataset import DatasetError
     from services.common.data.medmnist import ensure_medmnist_file
 
-    try:
-        return ensure_medmnist_file("pneumoniamnist", data_dir=options.data_dir)
-    except DatasetError as error:
-        console.print(f"[red]no PneumoniaMNIST data:[/] {error}")
-        return None
+    # Data first: it needs no broker, and a missing file is the likelier first-run problem.
+    data_file = ensure_medmnist_file("pneumoniamnist", data_dir=options.data_dir)
+    with bus_from_settings(settings) as bus:
+        return _run(options, bus, console, data_file)
 
 
 def _run(options: DemoOptions, bus: object, console: Console, data_file: Path) -> int:
@@ -120,8 +101,9 @@ def _run(options: DemoOptions, bus: object, console: Console, data_file: Path) -
     )
     federation.start()
     interrupted = False
+    death: tuple[str, int, str] | None = None
     try:
-        _watch(watcher, status, options, console)
+        death = _watch(watcher, status, options, console, federation)
     except KeyboardInterrupt:
         interrupted = True
         console.print("stopping every process ...")
@@ -130,6 +112,9 @@ def _run(options: DemoOptions, bus: object, console: Console, data_file: Path) -
         time.sleep(0.5)
         watcher.poll()
         watcher.close()
+    if death is not None:
+        console.print(_summary(status, codes, None))
+        raise _child_died(death, options.run_dir)
     report = _write_report(options.run_dir, console)
     console.print(_summary(status, codes, None if report is None else report.summaries[0]))
     report_dir = None if report is None else report.markdown_path.parent
@@ -139,15 +124,32 @@ def _run(options: DemoOptions, bus: object, console: Console, data_file: Path) -
     return 0 if all(code == 0 for code in codes.values()) else 1
 
 
+def _child_died(death: tuple[str, int, str], run_dir: Path) -> ChildDied:
+    name, code, last_line = death
+    why = f": {last_line}" if last_line else ""
+    return ChildDied(
+        f"the {name} process exited with code {code}{why}",
+        hint=f"the demo stopped the others; its log is {run_dir / 'logs' / f'{name}.log'}",
+    )
+
+
 def _watch(
-    watcher: object, status: FederationStatus, options: DemoOptions, console: Console
-) -> None:
+    watcher: object,
+    status: FederationStatus,
+    options: DemoOptions,
+    console: Console,
+    federation: Federation,
+) -> tuple[str, int, str] | None:
+    """Show progress until the time budget is spent or a process dies (returned)."""
     from services.demo.watcher import EventWatcher
 
     assert isinstance(watcher, EventWatcher)
     deadline = time.monotonic() + options.duration
     if not options.live:
         while time.monotonic() < deadline:
+            death = federation.first_death()
+            if death is not None:
+                return death
             watcher.poll()
             latest = status.latest_eval
             accuracy = "-" if latest is None else f"{latest.accuracy:.3f}"
@@ -156,13 +158,23 @@ def _watch(
                 f"rejected {status.updates_rejected} trainers {status.active_trainers} "
                 f"accuracy {accuracy}"
             )
-            time.sleep(5 * REFRESH_S)
-        return
+            _sleep_unless_death(federation, 5 * REFRESH_S)
+        return None
     with Live(status.table(), console=console, refresh_per_second=2) as live:
         while time.monotonic() < deadline:
+            death = federation.first_death()
+            if death is not None:
+                return death
             watcher.poll()
             live.update(status.table())
             time.sleep(REFRESH_S)
+    return None
+
+
+def _sleep_unless_death(federation: Federation, seconds: float) -> None:
+    end = time.monotonic() + seconds
+    while time.monotonic() < end and federation.first_death() is None:
+        time.sleep(REFRESH_S / 5)
 
 
 def _summary(status: FederationStatus, codes: dict[str, int], summary: RunSummary | None) -> Table:

@@ -3,39 +3,24 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 from typing import Any
-
-from pydantic import ValidationError
 
 from services.common.cli_flags import COMMON_FLAGS, SettingFlag, add_setting_flags, given_settings
 from services.evaluator.settings import EvaluatorSettings
 
-EXIT_USAGE = 2
-
 _FLAGS: tuple[SettingFlag, ...] = (
     *COMMON_FLAGS,
-    ("--task-id", "task_id", str, "task to follow (default: FEDMQ_TASK_ID)"),
-    ("--evaluator-id", "evaluator_id", str, "names the follower queue (default: evaluator)"),
-    ("--split", "split", str, "split scored and selected by (default: val)"),
-    (
-        "--test-split",
-        "test_split",
-        str,
-        "also scored, never selects; none: skip (default: test)",
-    ),
-    (
-        "--test-every",
-        "test_every",
-        int,
-        "score the test split every n-th evaluation (default 1)",
-    ),
+    ("--task-id", "task_id", str, "task to follow"),
+    ("--evaluator-id", "evaluator_id", str, "names the follower queue"),
+    ("--split", "split", str, "split scored and selected by"),
+    ("--test-split", "test_split", str, "also scored, never selects; none: skip"),
+    ("--test-every", "test_every", int, "score the test split every n-th evaluation"),
     ("--checkpoint-dir", "checkpoint_dir", Path, "keep the best on val in <dir>/<task>/best/"),
     ("--served-average", "served_average", float, "score an EMA of versions, this decay"),
-    ("--every-n-versions", "every_n_versions", int, "evaluate every n-th version (default 1)"),
+    ("--every-n-versions", "every_n_versions", int, "evaluate every n-th version"),
     ("--min-interval", "min_interval", float, "at most one evaluation per this many seconds"),
-    ("--log-path", "log_path", Path, "JSONL log (default: runs/<task>/eval.jsonl)"),
+    ("--log-path", "log_path", Path, "JSONL log"),
     ("--batch-size", "batch_size", int, "evaluation batch size"),
 )
 _CHOICES: dict[str, tuple[str, ...]] = {
@@ -54,7 +39,7 @@ def register(subcommands: Any) -> None:
             "publish EvalReport events and append them to a JSONL log (resumed on restart)."
         ),
     )
-    add_setting_flags(parser, _FLAGS, choices=_CHOICES)
+    add_setting_flags(parser, _FLAGS, choices=_CHOICES, model=EvaluatorSettings)
     parser.set_defaults(func=run)
 
 
@@ -65,27 +50,17 @@ def settings_from_args(args: argparse.Namespace) -> EvaluatorSettings:
 
 def run(args: argparse.Namespace) -> int:
     """Run the evaluator until SIGTERM/SIGINT (the evaluation in progress is finished)."""
-    from services.common.bus import TransportError
     from services.common.connect import bus_from_settings
     from services.common.logging import configure_logging
     from services.common.metrics import gauge_registry, serve_metrics
     from services.common.signals import on_termination
     from services.evaluator.service import EvaluatorService
     from services.trainer.local_round import set_torch_threads
-    from services.trainer.service import EXIT_FAILED
 
-    try:
-        settings = settings_from_args(args)
-    except ValidationError as error:
-        print(f"fedmq evaluator: invalid settings:\n{error}", file=sys.stderr)
-        return EXIT_USAGE
+    settings = settings_from_args(args)
     configure_logging(level=settings.log_level, json=settings.log_json)
     set_torch_threads(settings.torch_threads)
-    try:
-        bus = bus_from_settings(settings)
-    except TransportError as error:
-        print(f"fedmq evaluator: cannot reach the broker: {error}", file=sys.stderr)
-        return EXIT_FAILED
+    bus = bus_from_settings(settings)
     service = EvaluatorService(settings, bus=bus)
 
     def last(metric: str) -> float:

@@ -23,6 +23,7 @@ class EvaluatorSettings(ServiceSettings):
     data_source: str = DEFAULT_DATA_SOURCE
     """`medmnist:<name>` or `folder:<path>` holding the held-out images."""
     data_dir: Path | None = None
+    """Directory holding MedMNIST `.npz` files (default: `~/.medmnist`)."""
     split: Literal["train", "val", "test"] = "val"
     """The split every evaluated version is scored on; on `val` it also selects the best one."""
     test_split: Literal["train", "val", "test", "none"] = "test"
@@ -42,7 +43,9 @@ class EvaluatorSettings(ServiceSettings):
     log_path: Path | None = None
     """JSONL file of reports (default: `runs/<task>/eval.jsonl`)."""
     batch_size: PositiveInt = EVAL_BATCH_SIZE
+    """Evaluation batch size."""
     torch_threads: PositiveInt = 1
+    """Intra-op threads torch may use."""
     join_timeout: float = Field(default=DEFAULT_JOIN_TIMEOUT_S, gt=0.0)
     """How long to keep asking to join (and to wait for a lost broker) before giving up."""
 

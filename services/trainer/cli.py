@@ -3,21 +3,16 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 from typing import Any
-
-from pydantic import ValidationError
 
 from services.common.cli_flags import COMMON_FLAGS, SettingFlag, add_setting_flags, given_settings
 from services.trainer.settings import TrainerSettings
 
-EXIT_USAGE = 2
-
 _FLAGS: tuple[SettingFlag, ...] = (
     *COMMON_FLAGS,
-    ("--task-id", "task_id", str, "task to join (default: FEDMQ_TASK_ID)"),
-    ("--trainer-id", "trainer_id", str, "this site's id (required; FEDMQ_TRAINER_ID)"),
+    ("--task-id", "task_id", str, "task to join"),
+    ("--trainer-id", "trainer_id", str, "this site's id"),
     ("--site-index", "site_index", int, "simulation: train on part i of --num-sites"),
     ("--num-sites", "num_sites", int, "simulation: number of parts the data is split into"),
     ("--partition", "partition", str, "simulation: iid, dirichlet or shards"),
@@ -46,7 +41,7 @@ def register(subcommands: Any) -> None:
             "SIGTERM/SIGINT: stop after the current batch, announce leaving, exit 0."
         ),
     )
-    add_setting_flags(parser, _FLAGS, choices=_CHOICES)
+    add_setting_flags(parser, _FLAGS, choices=_CHOICES, model=TrainerSettings)
     parser.set_defaults(func=run)
 
 
@@ -60,19 +55,14 @@ def settings_from_args(args: argparse.Namespace) -> TrainerSettings:
 
 def run(args: argparse.Namespace) -> int:
     """Run the trainer until it is stopped or has sent `--max-updates` updates."""
-    from services.common.bus import TransportError
     from services.common.connect import bus_from_settings
     from services.common.logging import configure_logging
     from services.common.metrics import gauge_registry, serve_metrics
     from services.common.signals import on_termination
     from services.trainer.local_round import set_torch_threads
-    from services.trainer.service import EXIT_FAILED, TrainerService
+    from services.trainer.service import TrainerService
 
-    try:
-        settings = settings_from_args(args)
-    except ValidationError as error:
-        print(f"fedmq trainer: invalid settings:\n{error}", file=sys.stderr)
-        return EXIT_USAGE
+    settings = settings_from_args(args)
     configure_logging(level=settings.log_level, json=settings.log_json)
     set_torch_threads(settings.torch_threads)
     if settings.simulated_slowdown > 1.0:
@@ -82,11 +72,7 @@ def run(args: argparse.Namespace) -> int:
             "SIMULATION AID active: training is slowed down on purpose",
             simulated_slowdown=settings.simulated_slowdown,
         )
-    try:
-        bus = bus_from_settings(settings)
-    except TransportError as error:
-        print(f"fedmq trainer: cannot reach the broker: {error}", file=sys.stderr)
-        return EXIT_FAILED
+    bus = bus_from_settings(settings)
     service = TrainerService(settings, bus=bus)
     readings = {
         "fedmq_trainer_updates_sent": (

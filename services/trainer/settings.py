@@ -26,8 +26,11 @@ class TrainerSettings(ServiceSettings):
     site_index: int | None = Field(default=None, ge=0)
     """Simulation: train on part `site_index` of `num_sites` of one dataset (None: all of it)."""
     num_sites: PositiveInt = 1
+    """Simulation: number of parts the data set is split into."""
     partition: Literal["iid", "dirichlet", "shards"] = "iid"
+    """Simulation: how the data set is split among the sites."""
     dirichlet_alpha: float = Field(default=0.5, gt=0.0)
+    """Simulation: label skew of the dirichlet partition (small = strong skew)."""
     partition_seed: int = Field(default=0, ge=0)
     """Every simulated site must use the same partition seed to get disjoint parts."""
     seed: int = Field(default=0, ge=0)
@@ -37,7 +40,9 @@ class TrainerSettings(ServiceSettings):
     max_updates: PositiveInt | None = None
     """Leave after sending this many updates (None: train until stopped)."""
     join_timeout: float = Field(default=DEFAULT_JOIN_TIMEOUT_S, gt=0.0)
+    """Seconds to keep asking to join while no aggregator answers."""
     torch_threads: PositiveInt = 1
+    """Intra-op threads torch may use."""
     signing_key_file: Path | None = None
     """Ed25519 private key (`fedmq keygen`) signing every update; needed when the task
     requires signatures."""

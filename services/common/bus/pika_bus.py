@@ -448,9 +448,10 @@ class PikaBus(Bus):
             self._first_connect.result(timeout)
         except TimeoutError:
             self.close()
-            last = f" (last error: {self._last_connect_error})" if self._last_connect_error else ""
+            error = self._last_connect_error.rpartition(f"{self._where}: ")[2]
+            last = f" (last error: {error})" if error else ""
             raise ConnectionLost(
-                f"could not connect to the broker at {self._where} within {timeout:.0f}s{last}"
+                f"no broker answered at {self._where} within {timeout:.0f}s{last}"
             ) from None
         except TransportError:
             self.close()

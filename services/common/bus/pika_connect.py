@@ -191,7 +191,7 @@ def open_connection(params: Any, where: str) -> Any:
                     "if it requires client certificates, set cert_file and key_file "
                     "(FEDMQ_CERT_FILE, FEDMQ_KEY_FILE)"
                 ) from exc
-        raise ConnectionLost(f"could not connect to the broker at {where}: {exc!r}") from exc
+        raise ConnectionLost(f"could not connect to the broker at {where}: {_reason(exc)}") from exc
 
 
 _HOST_MISMATCH_CODES: Final = frozenset({62, 64})
@@ -238,6 +238,20 @@ def tls_alert_error(exc: BaseException, where: str) -> TlsError | None:
         f"the broker at {where} refused the TLS connection ({alert}): check that cert_file "
         "holds a client certificate signed by a CA the broker trusts and still valid"
     )
+
+
+def _reason(exc: BaseException, depth: int = 0) -> str:
+    """The socket's own words when pika wraps them (`Connection refused`), else `exc` itself."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    if depth < 5:
+        nested = [*exc.args, exc.__cause__, getattr(exc, "exception", None)]
+        for inner in nested:
+            if isinstance(inner, BaseException):
+                found = _reason(inner, depth + 1)
+                if found != repr(inner):
+                    return found
+    return repr(exc)
 
 
 def _find_ssl_error(exc: BaseException, depth: int = 0) -> ssl.SSLError | None:
