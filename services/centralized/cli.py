@@ -91,7 +91,9 @@ def run_command(args: argparse.Namespace) -> int:
     try:
         config = config_from_args(args)
         result = run_centralized(config, observer=ConsoleObserver(console))
-    except (DatasetError, TrainingDiverged, ValueError) as error:
+    except DatasetError:
+        raise  # missing data: the command line's boundary reports it with its own exit code
+    except (TrainingDiverged, ValueError) as error:
         print(f"fedmq centralized: {error}", file=sys.stderr)
         return 1
     print_summary(console, result, config.run_dir)

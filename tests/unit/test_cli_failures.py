@@ -106,10 +106,11 @@ def test_a_setting_out_of_range_in_the_environment_is_named(
 def test_a_missing_data_set_is_missing_input(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    # Given a data directory that cannot exist (its parent is a file), so no download starts;
-    # the demo checks its data before it looks for a broker.
-    (tmp_path / "file").write_text("")
-    data_dir = tmp_path / "file" / "data"
-    code, line = _fail(capsys, "demo", "--data-dir", str(data_dir), "--no-live")
+    # Given an image folder that does not exist
+    missing = tmp_path / "hospital-images"
+    code, line = _fail(
+        capsys, "centralized", "--data-source", f"folder:{missing}", "--run-dir", str(tmp_path)
+    )
+    # Then the command says which and where to point instead
     assert code == EXIT_NO_DATA
-    assert "pneumoniamnist" in line and "--data-dir" in line
+    assert f"image folder {missing} does not exist" in line and "--data-source" in line
