@@ -144,6 +144,8 @@ def flag_type(annotation: Any) -> type | None:
         return typing.cast(type, inner)
     if typing.get_origin(inner) is typing.Annotated:
         return flag_type(typing.get_args(inner)[0])
+    if typing.get_origin(inner) is list and typing.get_args(inner) == (str,):
+        return str  # comma-separated: the model's validator splits it
     if typing.get_origin(inner) is typing.Literal:
         values = typing.get_args(inner)
         return type(values[0]) if len({type(v) for v in values}) == 1 else None
