@@ -15,7 +15,7 @@ import zlib
 import pika
 import pytest
 
-from schemas import JoinAccepted, JoinRequest, Rejection, TrainerLeft, encode
+from schemas import Heartbeat, JoinAccepted, JoinRequest, Rejection, TrainerLeft, encode
 from services.aggregator.poison import MARKER_NAME
 from services.common.bus.pika_bus import PikaBus
 from services.common.messaging import call_message
@@ -196,6 +196,16 @@ def test_a_site_cannot_leave_beat_or_join_in_another_sites_name(federation: Fede
     assert not [
         e for e in log_events(federation.aggregator, "trainer_left") if e.get("trainer") == VICTIM
     ]
+    # And a heartbeat: another site's key is refused, its name under one's own key dead-lettered
+    beat = encode(Heartbeat(task_id=TASK, sender_id=VICTIM, role="trainer"))
+    victim_beat = event_key("heartbeat", TASK, VICTIM)
+    assert refused_code(url, EVENTS_EXCHANGE, victim_beat, user_id=ATTACKER) == ACCESS_REFUSED
+    own_beat = event_key("heartbeat", TASK, ATTACKER)
+    forged_beat = publish_as(
+        url, EVENTS_EXCHANGE, own_beat, beat, kind="heartbeat", user_id=ATTACKER
+    )
+    letter = _letter(federation, forged_beat)
+    assert letter.reason == "identity-mismatch" and letter.sender == ATTACKER
     # And a join as the victim, or as the evaluator, is refused with no model handed over
     bus = PikaBus(url, connection_name="attacker")
     try:
