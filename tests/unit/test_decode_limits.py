@@ -118,3 +118,10 @@ def test_extensions_invalid_bytes_and_short_bodies_get_their_reason(
 def test_a_model_without_tensors_has_no_limits() -> None:
     with pytest.raises(ValueError, match="needs tensors"):
         DecodeLimits.for_model(tensors=0, float_elements=10)
+
+
+def test_the_decode_bomb_benchmark_reports_the_bounded_refusal() -> None:
+    from benchmarks.decode_bombs import measure
+
+    result = measure("nested-3MB", "bounded")
+    assert result["outcome"] == "too-complex" and result["bytes"] == 3_420_355
