@@ -112,6 +112,7 @@ class Federation:
     data_dir: Path
     aggregator: ServiceProcess
     victim: ServiceProcess
+    evaluator: ServiceProcess
     honest: HonestSite
     dead: DeadLetterReader
     processes: list[ServiceProcess] = field(default_factory=list)
@@ -149,6 +150,7 @@ class Federation:
         """Victim and aggregator alive, valid updates applied, RSS bounded, weights finite."""
         assert self.aggregator.alive(), self.aggregator.output()[-3000:]
         assert self.victim.alive(), self.victim.output()[-3000:]
+        assert self.evaluator.alive(), self.evaluator.output()[-3000:]
         self.send_valid()
         grown = self.aggregator_rss() - rss_before
         assert grown < rss_bound, f"aggregator RSS grew by {grown / 2**20:.0f} MiB"
@@ -200,6 +202,7 @@ def federation(node: Node, tmp_path_factory: pytest.TempPathFactory) -> Iterator
             data_dir=data_dir,
             aggregator=None,  # type: ignore[arg-type]  (set just below)
             victim=None,  # type: ignore[arg-type]
+            evaluator=None,  # type: ignore[arg-type]
             honest=HonestSite(bus, HONEST),
             dead=DeadLetterReader(node.url(ADMIN)),
             processes=processes,
@@ -211,13 +214,20 @@ def federation(node: Node, tmp_path_factory: pytest.TempPathFactory) -> Iterator
             env=_env(node, VICTIM, data_dir),
         )
         processes.append(fed.victim)
-        fed.honest.join()
-        wait_for(
-            lambda: logged(fed.victim, "joined") >= 1 or not fed.victim.alive(),
-            timeout=JOIN_TIMEOUT_S,
-            what="the victim trainer to join",
+        fed.evaluator = ServiceProcess(
+            ["evaluator", "--log-path", str(run_dir / "eval.jsonl")],
+            log_path=run_dir / "logs" / "evaluator.log",
+            env=_env(node, "evaluator", data_dir),
         )
-        assert fed.victim.alive(), fed.victim.output()[-3000:]
+        processes.append(fed.evaluator)
+        fed.honest.join()
+        for process in (fed.victim, fed.evaluator):
+            wait_for(
+                lambda p=process: logged(p, "joined") >= 1 or not p.alive(),
+                timeout=JOIN_TIMEOUT_S,
+                what="the victim trainer and the evaluator to join",
+            )
+            assert process.alive(), process.output()[-3000:]
         yield fed
     finally:
         for process in processes:

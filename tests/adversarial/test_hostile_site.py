@@ -85,32 +85,35 @@ def test_a_join_aiming_its_reply_at_another_sites_queue_gets_no_reply_and_is_dea
     assert not log_events(federation.victim, "trainer failed")
 
 
-def test_a_foreign_message_in_a_trainers_follower_queue_is_dropped_and_training_goes_on(
+def test_a_foreign_message_in_a_followers_queue_is_dropped_and_the_follower_goes_on(
     federation: Federation,
 ) -> None:
-    # Given garbage in the victim's follower queue, put there through the default exchange
-    # by the only logins able to (the operator's, or the aggregator's through a bug)
+    # Given garbage in the victim's and the evaluator's follower queues, put there through
+    # the default exchange by the only logins able to (the operator's, or the aggregator's
+    # through a bug)
     sent_before = len(log_events(federation.victim, "update sent"))
-    publish_as(
-        federation.node.url(ADMIN),
-        "",
-        follower_queue_name(TASK, VICTIM),
-        b"\xc1 not a model",
-        kind="join_accepted",
-    )
-    # When the victim drains its queue: its login may not write to fedmq.dlx
-    wait_for(
-        lambda: log_events(federation.victim, "could not dead-letter it; dropped"),
-        timeout=120,
-        what="the victim to drop the foreign message",
-    )
-    # Then it logged the refusal, kept running and sent more updates
+    for follower in (VICTIM, "evaluator"):
+        publish_as(
+            federation.node.url(ADMIN),
+            "",
+            follower_queue_name(TASK, follower),
+            b"\xc1 not a model",
+            kind="join_accepted",
+        )
+    # When each drains its queue: neither login may write to fedmq.dlx
+    for process in (federation.victim, federation.evaluator):
+        wait_for(
+            lambda p=process: log_events(p, "could not dead-letter it; dropped"),
+            timeout=120,
+            what="the follower to drop the foreign message",
+        )
+    # Then both logged the refusal and kept running; the victim sent more updates
     wait_for(
         lambda: len(log_events(federation.victim, "update sent")) > sent_before,
         timeout=180,
         what="the victim to send another update",
     )
-    assert federation.victim.alive()
+    assert federation.victim.alive() and federation.evaluator.alive()
     assert not log_events(federation.victim, "trainer failed")
 
 
