@@ -268,7 +268,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             print(f"run {index}: {_brief(run)}", file=sys.stderr, flush=True)
     report: dict[str, Any] = {
         "benchmark": "time_to_accuracy",
-        "command": "uv run python -m benchmarks.time_to_accuracy " + " ".join(sys.argv[1:]),
+        "command": "uv run python -m benchmarks.time_to_accuracy "
+        + " ".join(sys.argv[1:] if argv is None else argv),
         "commit": _commit(),
         "bytecode_cached": bytecode_cached(),
         "scenario": {**scenario.__dict__, "data_dir": str(scenario.data_dir or "")},

@@ -6,6 +6,7 @@ main thread stays free for signals). Stopping is checked before every batch.
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from types import TracebackType
@@ -118,9 +119,11 @@ def run_local_round(
             should_stop=should_stop,
             slowdown=slowdown,
         )
+        paused_from = time.perf_counter()
         should_stop.finish_pause()
     local.mark_trained()
-    return result
+    # The round lasted until the made-up pause ended: `train_seconds` says so.
+    return dataclasses.replace(result, seconds=result.seconds + time.perf_counter() - paused_from)
 
 
 def build_update(

@@ -190,6 +190,22 @@ def test_step_limit_makes_up_the_simulated_pause_it_cut_short() -> None:
     assert limit.steps == 1
 
 
+def test_a_step_limited_straggler_round_counts_its_made_up_pause_in_its_seconds() -> None:
+    # Given a 3x straggler limited to 2 batches of 150 ms each (a made-up pause of 300 ms)
+    local = LocalModel(tiny_spec(local_epochs=5, local_steps=2))
+    local.load_global(global_model(local.spec, 0))
+    local.model.register_forward_hook(lambda *_: time.sleep(0.15))
+
+    # When the round runs, timed from outside
+    started = time.perf_counter()
+    result = run_local_round(local, tiny_dataset(), seed=0, stop=threading.Event(), slowdown=3.0)
+    outside = time.perf_counter() - started
+
+    # Then its seconds cover the whole round, the last batch's pause included
+    assert result.steps == 2
+    assert outside - 0.15 <= result.seconds <= outside
+
+
 def test_a_stop_request_ends_the_round_before_the_next_batch() -> None:
     local = LocalModel(tiny_spec(local_epochs=3))
     local.load_global(global_model(local.spec, 0))
