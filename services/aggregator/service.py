@@ -181,6 +181,7 @@ class AggregatorService:
             self._commit(wait=True)
         finally:
             self._committer.close()
+            self._admission.poison.close()
         self._log.info("aggregator_stopped", version=self._core.version)
 
     def step(self) -> None:

@@ -32,14 +32,14 @@ def test_given_a_crash_while_handling_when_it_comes_back_then_it_is_refused_once
     guard = PoisonGuard(tmp_path)
     handling = guard.handling(bomb)
     handling.__enter__()  # never left: the process died inside
-    assert (tmp_path / MARKER_NAME).exists()
+    assert (tmp_path / MARKER_NAME).read_text().startswith("m-1:100:")
     # When the next process starts and the broker redelivers it
     restarted = PoisonGuard(tmp_path)
     # Then that message, and only it, is refused
     assert restarted.verdict(_delivery(b"\x80" * 99, redelivered=True)) is None
     assert restarted.verdict(_delivery(b"\x80" * 100, redelivered=True)) is not None
     assert restarted.verdict(_delivery(b"\x80" * 100, redelivered=True)) is None
-    assert not (tmp_path / MARKER_NAME).exists()
+    assert (tmp_path / MARKER_NAME).read_text().strip() == ""
 
 
 def test_a_message_handled_to_the_end_leaves_no_marker(tmp_path: Path) -> None:
