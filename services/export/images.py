@@ -67,6 +67,8 @@ def read_picture(path: Path) -> DisplayImage:
             return _picture_pixels(image)
     except UnidentifiedImageError as error:
         raise UnusableImage("not an image PIL can read (PNG, JPEG) nor a DICOM file") from error
+    except Image.DecompressionBombError as error:
+        raise UnusableImage(f"refused as a decompression bomb: {error}") from error
     except OSError as error:
         raise UnusableImage(f"cannot decode the image: {error}") from error
 
