@@ -82,7 +82,9 @@ class Arm:
     """Stop once every site has sent its first update (the latency guard needs no more)."""
 
 
-def run_arm(arm: Arm, scenario: Scenario, *, targets: Sequence[float], workdir: Path) -> dict:
+def run_arm(
+    arm: Arm, scenario: Scenario, *, targets: Sequence[float], workdir: Path
+) -> dict[str, Any]:
     """Start the federation, run it until the best target is reached or the budget is spent."""
     task_id = unique_task_id(f"tta-{arm.name}")
     plan = FederationPlan(

@@ -79,7 +79,9 @@ def best_accuracy(reports: Iterable[dict[str, Any]]) -> float | None:
     return max(scores) if scores else None
 
 
-def site_rows(sites: Sequence[SiteTimeline], start: float, slowdowns: dict[str, float]) -> list:
+def site_rows(
+    sites: Sequence[SiteTimeline], start: float, slowdowns: dict[str, float]
+) -> list[dict[str, Any]]:
     """One JSON row per site: join time, latency, the round's training time, the overhead."""
     rows = []
     for site in sites:
