@@ -27,6 +27,7 @@ COMMAND_MODULES = (
     "services.demo.cli",
     "services.export.cli",
     "services.security.cli",
+    "services.sites.cli",
 )
 EXIT_CODES_EPILOG = (
     "exit codes: 0 done, 1 failed while running (see the log), 2 bad flag/setting/task file, "
@@ -79,6 +80,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_common_options(command: argparse.ArgumentParser) -> None:
     """`--version` and `--amqp-url` on every command, and the exit codes under its help."""
+    for action in command._actions:
+        if isinstance(action, argparse._SubParsersAction):  # `fedmq site add`, ...
+            for nested in action.choices.values():
+                _add_common_options(nested)
     options = {option for action in command._actions for option in action.option_strings}
     if "--version" not in options:  # a command may use it for a model version
         command.add_argument("--version", action="version", version=fedmq_version())

@@ -1,0 +1,1 @@
+"""Remote sites (hospitals): their broker users, signing keys and startup kits."""
