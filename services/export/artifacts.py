@@ -87,7 +87,7 @@ def export_model(source: ExportSource, options: ExportOptions) -> ExportResult:
     """Write the three artifacts of `source` into `options.out`."""
     started = time.perf_counter()
     _check_destination(options.out, options.overwrite)
-    privacy = _privacy(source, options)
+    privacy = privacy_of(source, options)
     model = source.model()
     f = source.fingerprint
     splits = _load_splits(options, f.in_channels, f.image_size)
@@ -261,20 +261,31 @@ def _modalities(options: ExportOptions) -> list[str] | None:
     return KNOWN_MODALITIES.get(options.data_source)
 
 
-def _privacy(source: ExportSource, options: ExportOptions) -> Privacy | None:
+def privacy_of(source: ExportSource, options: ExportOptions) -> Privacy | None:
+    """Central DP of `source` for its card; `ExportFailed` when DP was used but z not given."""
     steps = source.dp_steps
+    published = (source.kind == "federated" and source.published_releases) or 0
     z = options.dp_noise_multiplier
-    if steps is None and z is None:
+    if steps is None and not published and z is None:
         return None
     if z is None:
+        noisy = steps if steps is not None else published
         raise ExportFailed(
-            f"the checkpoint was trained with central DP ({steps} noisy versions): pass"
+            f"the model was trained with central DP ({noisy} noisy versions): pass"
             " --dp-noise-multiplier (and --dp-delta) so the card can state epsilon"
         )
-    # Without DP state in the checkpoint, every version counts as one noisy release.
+    # Without DP state in the checkpoint (the best version's file), every version up to
+    # this one counts as one noisy release.
     releases = steps if steps is not None else source.checkpoint.version
-    epsilon = gaussian_epsilon(z, releases, options.dp_delta)
-    return Privacy(epsilon=epsilon, delta=options.dp_delta, noise_multiplier=z, steps=releases)
+    total = max(published, releases)
+    return Privacy(
+        epsilon=gaussian_epsilon(z, releases, options.dp_delta),
+        delta=options.dp_delta,
+        noise_multiplier=z,
+        steps=releases,
+        published_steps=total,
+        epsilon_all_published=gaussian_epsilon(z, total, options.dp_delta),
+    )
 
 
 def _write_safetensors(model: nn.Module, path: Path) -> FileRef:

@@ -58,6 +58,11 @@ class Privacy(_Frozen):
     delta: float
     noise_multiplier: float
     steps: int
+    """Noisy versions up to this one: what `epsilon` composes (this model's own cost)."""
+    published_steps: int
+    """Noisy versions the task published in all (its privacy ledger), at least `steps`."""
+    epsilon_all_published: float
+    """epsilon over every published version: what an observer of all of them could learn."""
     accountant: str = "RDP (dp-accounting), Gaussian mechanism per version, no sampling (q = 1)"
 
 

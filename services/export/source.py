@@ -75,6 +75,14 @@ class ExportSource:
         value = self.checkpoint.strategy_state.get(_PRIVACY_STEPS)
         return None if value is None else int(str(value))
 
+    @property
+    def published_releases(self) -> int:
+        """Noisy versions the task ever published (the aggregator's privacy ledger; 0: none)."""
+        from services.aggregator.privacy_ledger import PrivacyLedger
+
+        task_dir = self.path.parent.parent if self.selection == "best-on-val" else self.path.parent
+        return PrivacyLedger(task_dir).steps
+
     def model(self) -> nn.Module:
         """The zoo model with the checkpoint's weights, in eval mode."""
         f = self.fingerprint

@@ -295,3 +295,27 @@ def test_an_image_folder_without_held_out_splits_checks_the_graph_but_claims_no_
     card = read_card(out)
     assert card.onnx_check.split == "all" and card.onnx_check.images == 6
     assert card.scores == {} and card.preprocessing["pipeline"] == "pil"
+
+
+def test_a_task_whose_ledger_counts_noisy_releases_needs_z_and_states_both_epsilons(
+    exported: Exported, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from services.aggregator.accounting import gaussian_epsilon
+    from services.aggregator.privacy_ledger import PrivacyLedger
+    from services.export.artifacts import ExportOptions, privacy_of
+    from services.export.source import find_source
+
+    # Given version 4 of a task whose ledger counts 9 published noisy versions, and whose
+    # checkpoint file (as a best version's) carries no DP state
+    store = CheckpointStore(tmp_path / "dp")
+    store.save(_checkpoint(exported.model, 4, {}))
+    PrivacyLedger(store.directory).record(9, epsilon=3.0)
+    # When it is exported without z, then it is refused before anything is written
+    assert main(["export", str(store.directory), "--out", str(tmp_path / "out")]) == 1
+    assert "central DP (9 noisy versions)" in capsys.readouterr().err
+    # and with z the card states this version's epsilon and that of everything published
+    options = ExportOptions(out=tmp_path / "out", data_source="x", dp_noise_multiplier=1.1)
+    privacy = privacy_of(find_source(store.directory), options)
+    assert privacy is not None and (privacy.steps, privacy.published_steps) == (4, 9)
+    assert privacy.epsilon == gaussian_epsilon(1.1, 4, 1e-5)
+    assert privacy.epsilon_all_published == gaussian_epsilon(1.1, 9, 1e-5)
