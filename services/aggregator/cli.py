@@ -192,7 +192,7 @@ def run(args: argparse.Namespace) -> int:
     from services.aggregator.service import AggregatorService
     from services.common.connect import bus_from_settings
     from services.common.logging import configure_logging
-    from services.common.metrics import serve_metrics
+    from services.common.metrics import process_registry, serve_metrics
     from services.common.signals import on_termination
 
     settings = settings_from_args(args)
@@ -211,7 +211,7 @@ def run(args: argparse.Namespace) -> int:
     )
     if settings.dp_epsilon_budget is not None and core.accountant is None:
         raise UsageError("an epsilon budget needs central DP (--dp-noise-multiplier)")
-    metrics = AggregatorMetrics()
+    metrics = AggregatorMetrics(process_registry(), task_id=task.task_id)
     serve_metrics(metrics.registry, settings.metrics_port)
     bus = bus_from_settings(settings)
     service = AggregatorService(

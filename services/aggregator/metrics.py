@@ -11,8 +11,16 @@ APPLY_SECONDS_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2
 class AggregatorMetrics:
     """Counters and gauges of one aggregator (its own registry: tests may run several)."""
 
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+    def __init__(
+        self, registry: CollectorRegistry | None = None, *, task_id: str | None = None
+    ) -> None:
         self.registry = registry or CollectorRegistry()
+        if task_id is not None:
+            # One series naming the task: dashboards join on it (`* on() group_left(task)`).
+            Gauge(
+                "fedmq_aggregator_info", "The task this aggregator serves", ["task"],
+                registry=self.registry,
+            ).labels(task=task_id).set(1)  # fmt: skip
         self.accepted = Counter(
             "fedmq_updates_accepted", "Updates admitted into the model", registry=self.registry
         )

@@ -29,6 +29,7 @@ def register(subcommands: Any) -> None:
 def run_topology(args: argparse.Namespace) -> int:
     """Declare, then print a table of exchanges and queues with their depth."""
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     from services.common.connect import bus_from_settings
@@ -49,7 +50,8 @@ def run_topology(args: argparse.Namespace) -> int:
         for column in ("queue", "ready", "bound to", "arguments"):
             queues.add_column(column)
         for queue in topology.queues:
-            bindings = ", ".join(f"{b.exchange} [{b.routing_key}]" for b in queue.bindings)
+            # escaped: rich would read `[update.t.*]` as markup and drop the routing key
+            bindings = escape(", ".join(f"{b.exchange} [{b.routing_key}]" for b in queue.bindings))
             arguments = ", ".join(f"{k}={v}" for k, v in sorted(queue.arguments.items()))
             queues.add_row(queue.name, str(bus.queue_depth(queue.name)), bindings, arguments)
     console.print(exchanges)

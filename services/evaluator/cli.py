@@ -52,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
     """Run the evaluator until SIGTERM/SIGINT (the evaluation in progress is finished)."""
     from services.common.connect import bus_from_settings
     from services.common.logging import configure_logging
-    from services.common.metrics import gauge_registry, serve_metrics
+    from services.common.metrics import readings_registry, serve_metrics
     from services.common.signals import on_termination
     from services.evaluator.service import EvaluatorService
     from services.trainer.local_round import set_torch_threads
@@ -68,8 +68,10 @@ def run(args: argparse.Namespace) -> int:
         value = None if report is None else getattr(report, metric)
         return float("nan") if value is None else float(value)
 
-    readings = {
-        "fedmq_eval_reports": ("Evaluation reports written", lambda: service.reports_written),
+    counters = {
+        "fedmq_eval_reports": ("Evaluation reports written", lambda: service.reports_written)
+    }
+    gauges = {
         "fedmq_eval_accuracy": (
             "Accuracy of the newest evaluated version",
             lambda: last("accuracy"),
@@ -77,7 +79,8 @@ def run(args: argparse.Namespace) -> int:
         "fedmq_eval_auc": ("ROC AUC of the newest evaluated version", lambda: last("auc")),
         "fedmq_eval_version": ("Newest evaluated model version", lambda: last("version")),
     }
-    serve_metrics(gauge_registry(readings), settings.metrics_port)
+    registry = readings_registry(settings.task_id, counters=counters, gauges=gauges)
+    serve_metrics(registry, settings.metrics_port)
     on_termination(service.stop)
     try:
         return service.run()

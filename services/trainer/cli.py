@@ -57,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
     """Run the trainer until it is stopped or has sent `--max-updates` updates."""
     from services.common.connect import bus_from_settings
     from services.common.logging import configure_logging
-    from services.common.metrics import gauge_registry, serve_metrics
+    from services.common.metrics import readings_registry, serve_metrics
     from services.common.signals import on_termination
     from services.trainer.local_round import set_torch_threads
     from services.trainer.service import TrainerService
@@ -74,13 +74,10 @@ def run(args: argparse.Namespace) -> int:
         )
     bus = bus_from_settings(settings)
     service = TrainerService(settings, bus=bus)
-    readings = {
-        "fedmq_trainer_updates_sent": (
-            "Updates the broker confirmed",
-            lambda: service.updates_sent,
-        ),
+    counters = {
+        "fedmq_trainer_updates_sent": ("Updates the broker confirmed", lambda: service.updates_sent)
     }
-    serve_metrics(gauge_registry(readings), settings.metrics_port)
+    serve_metrics(readings_registry(settings.task_id, counters=counters), settings.metrics_port)
     on_termination(service.stop)
     try:
         return service.run()

@@ -2,12 +2,31 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from services.cli import main
 from services.common.errors import EXIT_NO_DATA, EXIT_USAGE
+
+
+@pytest.fixture(autouse=True)
+def _logging_left_as_found() -> Iterator[None]:
+    # A command configures logging onto the captured stderr, which closes after the test.
+    import logging
+
+    import structlog
+
+    import services.common.logging as fedmq_logging
+
+    handlers = list(logging.getLogger().handlers)
+    yield
+    structlog.reset_defaults()
+    fedmq_logging._configured = False
+    for handler in logging.getLogger().handlers:
+        if handler not in handlers:
+            logging.getLogger().removeHandler(handler)
 
 
 def _fail(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str]:

@@ -32,10 +32,10 @@ from services.common.topology import updates_queue
 
 REPO = Path(__file__).resolve().parents[2]
 K8S = REPO / "infra" / "k8s"
-TREES = ("base", "overlays/example", "overlays/tls")
+TREES = ("base", "overlays/example", "overlays/tls", "overlays/monitoring")
 KUBERNETES_VERSION = "1.30.0"
 """Oldest Kubernetes the manifests target (the pod-index label is on by default since 1.28)."""
-CUSTOM_KINDS = {"RabbitmqCluster"}
+CUSTOM_KINDS = {"RabbitmqCluster", "PodMonitor", "PrometheusRule"}
 EXTERNAL_SECRETS = {"fedmq-client-tls", "fedmq-rabbitmq-tls", "fedmq-rabbitmq-ca"}
 """TLS material created out of band (docs/operations.md), never rendered."""
 FEDMQ_CONTAINERS = {"aggregator": "Deployment", "evaluator": "Deployment", "trainer": "StatefulSet"}
