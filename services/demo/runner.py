@@ -112,6 +112,7 @@ def _run(options: DemoOptions, bus: object, console: Console, data_file: Path) -
         time.sleep(0.5)
         watcher.poll()
         watcher.close()
+        _remove_task_queues(bus, plan)
     if death is not None:
         console.print(_summary(status, codes, None))
         raise _child_died(death, options.run_dir)
@@ -122,6 +123,26 @@ def _run(options: DemoOptions, bus: object, console: Console, data_file: Path) -
     if interrupted:
         return 130
     return 0 if all(code == 0 for code in codes.values()) else 1
+
+
+def _remove_task_queues(bus: object, plan: FederationPlan) -> None:
+    """The demo's task is over: delete its queues (never the shared dead-letter queue)."""
+    from services.common.bus import Bus
+    from services.common.topology import (
+        DEAD_QUEUE,
+        events_queue,
+        follower_queue_name,
+        task_topology,
+    )
+
+    assert isinstance(bus, Bus)
+    task = plan.task_id
+    followers = ["evaluator", *(plan.trainer_id(i) for i in range(plan.trainers))]
+    names = [q.name for q in task_topology(task).queues if q.name != DEAD_QUEUE]
+    names += [follower_queue_name(task, follower) for follower in followers]
+    names.append(events_queue("aggregator", task).name)
+    for name in names:
+        bus.delete_queue(name)
 
 
 def _child_died(death: tuple[str, int, str], run_dir: Path) -> ChildDied:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -11,7 +12,10 @@ from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
+from services.common.bus import NotFound
+from services.common.bus.pika_bus import PikaBus
 from services.common.errors import EXIT_BROKER_REFUSED, EXIT_BROKER_UNREACHABLE, EXIT_CHILD_DIED
+from services.common.topology import follower_queue_name, updates_queue
 from tests.datagen import pneumonia_npz
 from tests.support.processes import REPO
 
@@ -97,3 +101,9 @@ def test_the_demo_stops_and_names_the_process_that_died(amqp_url: str, tmp_path:
     assert line.startswith("fedmq demo: error: the aggregator process exited with code 2: ")
     assert "fedmq aggregator: error: " in line and "buffer_size" in line
     assert "logs/aggregator.log" in line
+    # and it removed its task's queues from the broker
+    task = json.loads((tmp_path / "run" / "run.json").read_text())["config"]["task_id"]
+    with PikaBus(amqp_url) as bus:
+        for queue in (updates_queue(task), follower_queue_name(task, "site-0")):
+            with pytest.raises(NotFound):
+                bus.queue_depth(queue)
