@@ -47,17 +47,44 @@ def run_topology(args: argparse.Namespace) -> int:
         for exchange in topology.exchanges:
             exchanges.add_row(exchange.name, exchange.type, str(exchange.durable))
         queues = Table(title=f"Queues (task {task_id})", title_justify="left")
-        for column in ("queue", "ready", "bound to", "arguments"):
+        for column in ("queue", "ready", "unacked", "bound to", "arguments"):
             queues.add_column(column)
+        unacked = _unacked_counts(settings.amqp_url)
         for queue in topology.queues:
             # escaped: rich would read `[update.t.*]` as markup and drop the routing key
             bindings = escape(", ".join(f"{b.exchange} [{b.routing_key}]" for b in queue.bindings))
             arguments = ", ".join(f"{k}={v}" for k, v in sorted(queue.arguments.items()))
-            queues.add_row(queue.name, str(bus.queue_depth(queue.name)), bindings, arguments)
+            in_flight = unacked.get(queue.name)
+            queues.add_row(
+                queue.name,
+                str(bus.queue_depth(queue.name)),
+                "n/a" if in_flight is None else str(in_flight),
+                bindings,
+                arguments,
+            )
     console.print(exchanges)
     console.print(queues)
     console.print(f"declared on {_redacted(settings.amqp_url)}")
     return 0
+
+
+def _unacked_counts(amqp_url: str) -> dict[str, int]:
+    """Unacknowledged messages per queue, from the management API (empty when unreachable).
+
+    AMQP tells a client only the ready count; what consumers hold is the broker's to say.
+    """
+    from urllib.parse import unquote, urlsplit
+
+    from services.common.errors import FedmqError
+    from services.sites.management import Management, quoted
+
+    path = urlsplit(amqp_url).path
+    vhost = unquote(path[1:]) if len(path) > 1 else "/"
+    try:
+        queues = Management.for_broker(amqp_url).get(f"queues/{quoted(vhost)}") or []
+    except FedmqError:
+        return {}
+    return {q["name"]: int(q.get("messages_unacknowledged", 0)) for q in queues}
 
 
 def _redacted(url: str) -> str:
