@@ -48,6 +48,11 @@ class AggregatorMetrics:
         self.trainers = Gauge(
             "fedmq_connected_trainers", "Trainers heard from recently", registry=self.registry
         )
+        self.loop_tick = Gauge(
+            "fedmq_main_loop_last_tick_seconds",
+            "Unix time the main loop last went round (the health check fails when it is old)",
+            registry=self.registry,
+        )
         self.checkpoint_seconds = Histogram(
             "fedmq_checkpoint_seconds", "Time to write one checkpoint", registry=self.registry
         )
@@ -66,6 +71,10 @@ class AggregatorMetrics:
         """A checkpoint reached the disk."""
         self.version.set(version)
         self.checkpoint_seconds.observe(seconds)
+
+    def on_tick(self) -> None:
+        """The main loop went round once (a delivery handled, or a wait timed out)."""
+        self.loop_tick.set_to_current_time()
 
     def on_trainers(self, count: int) -> None:
         """The number of active trainers changed."""

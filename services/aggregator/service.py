@@ -195,6 +195,7 @@ class AggregatorService:
                 self._last_delivery = self._clock()
                 self._dispatch(source, delivery)
         self._committer.check()
+        self._metrics.on_tick()
         now = self._clock()
         self._on_clock(now)
         if self._commit_due(now, idle=self._inbox.empty()):

@@ -275,3 +275,24 @@ def test_every_fedmq_variable_the_image_sets_is_a_settings_field() -> None:
     assert names == {"data_dir", "metrics_port"}
     assert "metrics_port" in ServiceSettings.model_fields  # every service serves metrics
     assert "data_dir" in TrainerSettings.model_fields  # where MedMNIST files are read
+
+
+def test_healthcheck_fails_when_the_main_loop_stopped_going_round(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import time
+
+    from services.aggregator.metrics import AggregatorMetrics
+    from services.common.metrics import serve_metrics
+
+    # Given an aggregator's metrics served from their side thread
+    metrics = AggregatorMetrics()
+    port = serve_metrics(metrics.registry, 0)
+    monkeypatch.setenv("FEDMQ_METRICS_PORT", str(port))
+    healthcheck = _load_script("healthcheck.py")
+    # When its main loop went round just now, it is healthy
+    metrics.on_tick()
+    assert healthcheck.main() == 0
+    # When its last round is older than the limit, it is not, though /metrics still answers
+    metrics.loop_tick.set(time.time() - healthcheck.STUCK_AFTER_S - 10)
+    assert healthcheck.main() == 1
