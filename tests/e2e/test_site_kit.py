@@ -22,6 +22,7 @@ from services.common.topology import (
     own_follower_topology,
     update_key,
 )
+from services.sites.management import Management
 from tests.integration.conftest import FAST_RECONNECT
 from tests.support.fault_kit import EventTap
 from tests.support.processes import REPO, ServiceProcess, wait_for
@@ -53,9 +54,12 @@ def _env_file(path: Path) -> dict[str, str]:
 
 
 @pytest.fixture
-def names() -> Iterator[tuple[str, str]]:
+def names(amqp_url: str) -> Iterator[tuple[str, str]]:
     suffix = uuid.uuid4().hex[:8]
-    yield f"sitekit-{suffix}", f"hospital-x-{suffix}"
+    site = f"hospital-x-{suffix}"
+    yield f"sitekit-{suffix}", site
+    # a failed test must not leave its broker user behind (absent after `site remove`)
+    Management.for_broker(amqp_url).delete(f"users/{site}")
 
 
 def test_a_site_added_in_one_command_joins_is_applied_and_is_confined_until_removed(
