@@ -184,7 +184,7 @@ class EvaluatorService:
             timeout=self._settings.join_timeout,
             stop=self._stop,
             backoff=dataclasses.replace(self._backoff),
-            user_id=broker_login(self._settings.amqp_url),
+            user_id=broker_login(self._settings.broker_urls[0]),
         )
         if accepted is None:
             raise _Stopped
@@ -207,7 +207,7 @@ class EvaluatorService:
             task_id=self._task,
             sender_id=self._who,
             role="evaluator",
-            user_id=broker_login(self._settings.amqp_url),
+            user_id=broker_login(self._settings.broker_urls[0]),
             interval=interval,
             status=self._status,
         )
