@@ -22,6 +22,7 @@ from services.aggregator.checkpoint import CheckpointStore
 from services.aggregator.core import AggregatorCore
 from services.aggregator.layout import ParamLayout
 from services.aggregator.strategies.factory import StrategyConfig, build_strategy
+from services.aggregator.guard import GuardSettings
 from services.aggregator.task import TaskDefinition
 from services.common.memory import reuse_freed_memory
 
@@ -49,6 +50,8 @@ def _core(size: int, strategy: str) -> AggregatorCore:
     task = TaskDefinition(
         spec=TaskSpec(task_id="bench", model="bench", num_classes=2),
         strategy=StrategyConfig(name=strategy, staleness="polynomial", buffer_size=4),  # type: ignore[arg-type]
+        # The model starts at zero: no relative bound, every other guard measured as shipped.
+        guard=GuardSettings(max_relative_change=None),
     )
     layout = ParamLayout.from_entries([("w", "float32", (size,))])
     return AggregatorCore(

@@ -7,6 +7,7 @@ from typing import Any, Literal
 
 from benchmarks.study.data import Partition
 from schemas import TaskSpec
+from services.aggregator.guard import GuardSettings
 from services.aggregator.strategies.factory import StrategyConfig
 from services.aggregator.task import TaskDefinition, with_consistent_spec
 
@@ -49,6 +50,13 @@ class StudySettings:
     """How much slower a straggler computes."""
 
 
+GUARDS_OFF = GuardSettings(
+    max_abs_weight=None, max_relative_change=None, norm_bound_factor=None,
+    clip_to_median=False, one_update_per_trainer=False, cap_num_examples=False,
+)  # fmt: skip
+"""The aggregator before its guards existed (the studies' documented numbers)."""
+
+
 @dataclass(frozen=True)
 class RunSpec:
     """One line of a study's plot."""
@@ -68,6 +76,8 @@ class RunSpec:
     served_ema: float | None = None
     """Evaluate an exponential moving average of the versions (this decay per version)
     instead of the newest version: the served model, while trainers follow the versions."""
+    guard: GuardSettings = field(default_factory=lambda: GUARDS_OFF)
+    """The aggregator's guards: off, as when the studies here were first run."""
 
     @property
     def centralized(self) -> bool:
@@ -106,4 +116,5 @@ def task_definition(run: RunSpec, settings: StudySettings, *, task_id: str) -> T
         optimizer=recipe.optimizer, momentum=recipe.momentum, seed=settings.seed,
         logit_adjustment=recipe.logit_adjustment,
     )  # fmt: skip
-    return with_consistent_spec(TaskDefinition(spec=spec, strategy=run.strategy))
+    task = TaskDefinition(spec=spec, strategy=run.strategy, guard=run.guard)
+    return with_consistent_spec(task)

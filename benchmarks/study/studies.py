@@ -38,22 +38,26 @@ class StudyOptions:
 
 def fedbuff(seed: int, **overrides: object) -> StrategyConfig:
     """FedBuff K=4, server lr 1, polynomial staleness (1+t)^-0.5, sample-weighted mean."""
-    base = {"name": "fedbuff", "buffer_size": 4, "staleness": "polynomial", "staleness_a": 0.5}
+    base = {
+        "name": "fedbuff", "buffer_size": 4, "staleness": "polynomial", "staleness_a": 0.5,
+        "aggregator": "mean", "sample_weighted": True,
+    }  # fmt: skip
     return StrategyConfig.model_validate({**base, "seed": seed, **overrides})
 
 
 def fedasync(seed: int) -> StrategyConfig:
     """FedAsync alpha 0.6 with polynomial staleness (1+t)^-0.5 (Xie et al.'s setting)."""
     return StrategyConfig(
-        name="fedasync", alpha=0.6, staleness="polynomial", staleness_a=0.5, seed=seed
-    )
+        name="fedasync", alpha=0.6, staleness="polynomial", staleness_a=0.5,
+        sample_weighted=True, seed=seed,
+    )  # fmt: skip
 
 
 def fedavg(seed: int, sites: int) -> StrategyConfig:
     """Round barrier over all sites: a round closes when every site's update arrived."""
     return StrategyConfig(
         name="fedavg", clients_per_round=sites, min_updates=sites, round_timeout=NEVER_S,
-        seed=seed,
+        aggregator="mean", sample_weighted=True, seed=seed,
     )  # fmt: skip
 
 

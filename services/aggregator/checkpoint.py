@@ -75,13 +75,21 @@ class CheckpointStore:
         directory.mkdir(parents=True, exist_ok=True)
 
     def save(self, checkpoint: Checkpoint) -> Path:
-        """Write atomically (temp file, fsync, rename, fsync directory); prune old ones."""
+        """Write atomically (temp file, fsync, rename, fsync directory); prune old ones.
+
+        Raises `ValueError` for weights that are not finite: such a model must never
+        become the one a restart resumes from.
+        """
+        _check_finite(checkpoint.weights, checkpoint.strategy_state)
         target = write_checkpoint(self.directory, checkpoint)
         self._prune()
         return target
 
     def latest(self) -> Checkpoint | None:
         """The newest readable checkpoint, or None when the directory holds none.
+
+        A checkpoint that is torn, corrupt or holds a value that is not finite is logged
+        and skipped: the previous good one is resumed from.
 
         Raises `CheckpointFormatError` when only old-format checkpoints are there: starting
         fresh would silently publish version 0 again over a model trainers already have.
@@ -146,6 +154,7 @@ def load_checkpoint(path: Path) -> Checkpoint:
     weights = arrays[_WEIGHTS_KEY]
     if weights.dtype != np.float32 or weights.ndim != 1:
         raise ValueError(f"weights are {weights.dtype} of shape {weights.shape}, not flat float32")
+    _check_finite(weights, strategy_state)
     return Checkpoint(
         version=int(manifest["version"]),
         weights=weights,
@@ -157,6 +166,16 @@ def load_checkpoint(path: Path) -> Checkpoint:
         fingerprint=str(manifest["fingerprint"]),
         saved_at=float(manifest["saved_at"]),
     )
+
+
+def _check_finite(weights: npt.NDArray[Any], state: StateDict) -> None:
+    """ValueError when the weights or a float array of the strategy hold NaN or Inf."""
+    arrays = [("weights", weights)] + [
+        (key, value) for key, value in state.items() if isinstance(value, np.ndarray)
+    ]
+    for key, array in arrays:
+        if array.dtype.kind == "f" and not np.isfinite(array).all():
+            raise ValueError(f"{key!r} holds values that are not finite")
 
 
 def _write(stream: io.FileIO, checkpoint: Checkpoint) -> None:

@@ -118,7 +118,8 @@ def register(subcommands: Any) -> None:
     parser.add_argument(
         "--sample-weighted",
         action="store_true",
-        help="weigh buffered updates by site size (FedAvg's rule for whole local epochs)",
+        help="weigh buffered updates by site size (FedAvg's rule for whole local epochs), "
+        "each capped at what the site declared when it joined",
     )
     add_setting_flags(parser, _SETTINGS_FLAGS, model=AggregatorSettings)
     task = parser.add_argument_group("task (without --task-file)")

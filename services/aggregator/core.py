@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import numpy as np
@@ -17,10 +17,13 @@ import numpy.typing as npt
 from schemas import GlobalModel, ModelUpdate, Tensor
 from services.aggregator.accounting import PrivacyAccountant
 from services.aggregator.checkpoint import Checkpoint
+from services.aggregator.guard import ModelGuard, ModelStats, NormHistory
 from services.aggregator.layout import ParamLayout
-from services.aggregator.strategies.base import StepResult, Strategy
+from services.aggregator.strategies.base import Contribution, StateDict, StepResult, Strategy
+from services.aggregator.strategies.robust import clip_l2, l2_norm
 from services.aggregator.task import TaskDefinition
 from services.aggregator.validation import (
+    RejectedStep,
     RejectedUpdate,
     RejectReason,
     UpdateContext,
@@ -35,6 +38,9 @@ A redelivery can only concern updates not yet acked, i.e. applied since the prev
 checkpoint, so this bounds memory without weakening exactly-once application.
 """
 
+
+GUARD_NORMS_KEY = "guard.norms"
+"""Where the checkpoint keeps the recent accepted update norms (next to the strategy's state)."""
 
 MIN_BATCHNORM_VARIANCE = 1e-5
 """BatchNorm running variances are kept at least this large (BatchNorm's own epsilon)."""
@@ -65,6 +71,7 @@ class AggregatorCore:
         updates_applied: int = 0,
         updates_rejected: int = 0,
         accountant: PrivacyAccountant | None = None,
+        recent_norms: Iterable[float] = (),
     ) -> None:
         self.task = task
         self.layout = layout
@@ -88,6 +95,12 @@ class AggregatorCore:
         ]
         fedbn = task.spec.fedbn
         self._mask = layout.aggregation_mask(fedbn=True) if fedbn else None
+        self._guard = ModelGuard(task.guard)
+        self._norms = NormHistory(task.guard, recent_norms)
+        self._stats = ModelStats.of(weights)
+        self._good_state = _copied(strategy.state_dict())
+        """The strategy's state after the last accepted step: restored when the guard
+        refuses a step (a server optimizer's moments already took it in)."""
 
     @classmethod
     def restore(
@@ -105,7 +118,9 @@ class AggregatorCore:
                 f"the checkpoint belongs to {saved.fingerprint!r}, not {task.fingerprint()!r}:"
                 " use another checkpoint directory for another task or model"
             )
-        strategy.load_state_dict(saved.strategy_state)
+        state = dict(saved.strategy_state)
+        norms = state.pop(GUARD_NORMS_KEY, None)
+        strategy.load_state_dict(state)
         return cls(
             task=task,
             layout=layout,
@@ -117,6 +132,7 @@ class AggregatorCore:
             updates_applied=saved.updates_applied,
             updates_rejected=saved.updates_rejected,
             accountant=accountant,
+            recent_norms=[float(n) for n in norms] if isinstance(norms, np.ndarray) else (),
         )
 
     @property
@@ -152,8 +168,20 @@ class AggregatorCore:
             mask=self._mask,
         )
 
-    def submit(self, update: ModelUpdate, *, redelivered: bool, now: float) -> Outcome:
-        """Fold one update in; raises `RejectedUpdate` (counted) when it is not acceptable."""
+    def submit(
+        self,
+        update: ModelUpdate,
+        *,
+        redelivered: bool,
+        now: float,
+        declared_examples: int | None = None,
+    ) -> Outcome:
+        """Fold one update in; raises `RejectedUpdate` (counted) when it is not acceptable.
+
+        `declared_examples` is what the trainer said it holds when it joined (None when it
+        is not known): the update's own `num_examples` counts at most that much.
+        `RejectedStep` means the step this update completed was refused as a whole.
+        """
         context = self.context()
         if is_already_applied(update, context, redelivered=redelivered):
             return Outcome("redelivered", staleness=self.version - update.base_version)
@@ -161,6 +189,7 @@ class AggregatorCore:
             self._check_budget()
             contribution = to_contribution(update, context)
             self._check_one_per_trainer(contribution.trainer_id)
+            contribution = self._guarded(contribution, declared_examples)
         except Exception:
             self.updates_rejected += 1
             raise
@@ -174,7 +203,10 @@ class AggregatorCore:
         return Outcome("stepped", staleness=contribution.staleness, step=step)
 
     def poll(self, *, now: float) -> StepResult | None:
-        """Give time-driven strategies (a round timeout) their chance to step."""
+        """Give time-driven strategies (a round timeout) their chance to step.
+
+        Raises `RejectedStep` when the model guard refuses the step.
+        """
         step = self.strategy.poll(self.weights, now=now)
         if step is not None:
             self._apply(step)
@@ -194,10 +226,8 @@ class AggregatorCore:
         It shares the weights array (the core replaces it at every step, never mutates it)
         and copies the strategy's arrays (a server optimizer updates its moments in place).
         """
-        state = {
-            key: value.copy() if isinstance(value, np.ndarray) else value
-            for key, value in self.strategy.state_dict().items()
-        }
+        state = _copied(self.strategy.state_dict())
+        state[GUARD_NORMS_KEY] = np.array(self._norms.norms, dtype=np.float64)
         return Checkpoint(
             version=self.version,
             weights=self.weights,
@@ -209,6 +239,11 @@ class AggregatorCore:
             fingerprint=self.task.fingerprint(),
         )
 
+    @property
+    def recent_norms(self) -> list[float]:
+        """Norms of the recently accepted updates (the median bound's memory)."""
+        return self._norms.norms
+
     def _check_budget(self) -> None:
         accountant = self.accountant
         if accountant is not None and accountant.exhausted:
@@ -219,20 +254,44 @@ class AggregatorCore:
             )
 
     def _check_one_per_trainer(self, trainer_id: str) -> None:
-        # User-level DP assumes sensitivity C per trainer and step (see accounting.py).
-        if self.accountant is not None and trainer_id in self._pending.values():
+        # User-level DP assumes sensitivity C per trainer and step (see accounting.py);
+        # without DP, one vote per site keeps a flooding site from filling the buffer.
+        limited = self.accountant is not None or self.task.guard.one_update_per_trainer
+        if limited and trainer_id in self._pending.values():
             raise RejectedUpdate(
                 RejectReason.ALREADY_IN_BUFFER,
                 f"trainer {trainer_id!r} already has an update in the next aggregate:"
-                " a second one would double its privacy sensitivity",
+                " each site counts at most once per aggregate",
             )
+
+    def _guarded(self, contribution: Contribution, declared: int | None) -> Contribution:
+        """The update norm bound, the model guard on this update alone, clipping, capping."""
+        norm = l2_norm(contribution.delta)
+        refusal = self._norms.refusal(norm)
+        if refusal is not None:
+            raise RejectedUpdate(RejectReason.NORM_OUTLIER, refusal)
+        refusal = self._guard.check_update(self._stats, contribution.delta, norm)
+        if refusal is not None:
+            raise RejectedUpdate(RejectReason.MODEL_GUARD, refusal)
+        changes: dict[str, object] = {}
+        level = self._norms.clip_level()
+        if level is not None and norm > level:
+            changes["delta"] = clip_l2(contribution.delta, level)
+        if self.task.guard.cap_num_examples and declared is not None and declared > 0:
+            changes["num_examples"] = min(contribution.num_examples, declared)
+        self._norms.record(norm)
+        return replace(contribution, **changes) if changes else contribution  # type: ignore[arg-type]
 
     def _apply(self, step: StepResult) -> None:
         for region in self._variances:
             # Stale deltas of BatchNorm variances can overshoot below zero; a negative
             # variance makes every prediction NaN.
             np.maximum(step.weights[region], MIN_BATCHNORM_VARIANCE, out=step.weights[region])
+        stats = ModelStats.of(step.weights)
+        self._check_step(step, stats)
         self.weights = step.weights
+        self._stats = stats
+        self._good_state = _copied(self.strategy.state_dict())
         self.version += 1
         self.updates_applied += len(step.applied)
         for update_id in step.applied:
@@ -240,6 +299,25 @@ class AggregatorCore:
             self._applied[update_id] = None
         while len(self._applied) > MAX_APPLIED_IDS:
             self._applied.popitem(last=False)
+
+    def _check_step(self, step: StepResult, stats: ModelStats) -> None:
+        """Refuse a step whose model is not finite or holds a weight beyond the bound."""
+        refusal = self._guard.check_step(stats)
+        if refusal is None:
+            return
+        self.strategy.load_state_dict(_copied(self._good_state))
+        for update_id in step.applied:
+            self._pending.pop(update_id, None)
+        self.updates_rejected += len(step.applied)
+        raise RejectedStep(RejectReason.MODEL_GUARD, refusal, update_ids=step.applied)
+
+
+def _copied(state: StateDict) -> StateDict:
+    """A state dict whose arrays are copies (a server optimizer updates its own in place)."""
+    return {
+        key: value.copy() if isinstance(value, np.ndarray) else value
+        for key, value in state.items()
+    }
 
 
 def global_model_of(task_id: str, layout: ParamLayout, saved: Checkpoint) -> GlobalModel:

@@ -48,7 +48,7 @@ from services.aggregator.registry import TrainerRegistry
 from services.aggregator.settings import AggregatorSettings
 from services.aggregator.strategies.base import StepResult
 from services.aggregator.task import TaskDefinition
-from services.aggregator.validation import RejectedUpdate, RejectReason
+from services.aggregator.validation import RejectedStep, RejectedUpdate, RejectReason
 from services.common.bus import (
     Bus,
     Delivery,
@@ -241,10 +241,19 @@ class AggregatorService:
         try:
             update = self._decode(delivery, ModelUpdate)
             self._check_sender(update, delivery)
-            outcome = self._core.submit(update, redelivered=delivery.redelivered, now=self._clock())
+            outcome = self._core.submit(
+                update,
+                redelivered=delivery.redelivered,
+                now=self._clock(),
+                declared_examples=self._declared_examples(update.trainer_id),
+            )
         except DecodeError as error:
             self._core.count_rejection()
             self._dead_letter(delivery, error.reason.value, error.detail)
+            return
+        except RejectedStep as error:
+            self._dead_letter(delivery, error.reason, error.detail, update=update)
+            self._refuse_step(error)
             return
         except RejectedUpdate as error:
             self._dead_letter(delivery, error.reason, error.detail, update=update)
@@ -268,6 +277,19 @@ class AggregatorService:
         )
         if outcome.step is not None:
             self._settle(outcome.step)
+
+    def _declared_examples(self, trainer_id: str) -> int | None:
+        record = self._registry.get(trainer_id)
+        return record.num_examples if record is not None and record.num_examples > 0 else None
+
+    def _refuse_step(self, error: RejectedStep) -> None:
+        """Dead-letter the buffered updates of a step the model guard refused."""
+        self._log.error("step_refused", reason=error.reason, detail=error.detail)
+        for update_id in error.update_ids:
+            held = self._pending.held.pop(update_id, None)
+            if held is not None:
+                detail = f"update {update_id} was in a refused aggregate: {error.detail}"
+                self._dead_letter(held, error.reason, detail)
 
     def _check_sender(self, update: ModelUpdate, delivery: Delivery) -> None:
         try:
@@ -448,7 +470,11 @@ class AggregatorService:
         self._emit("trainer.joined", joined)
 
     def _on_clock(self, now: float) -> None:
-        step = self._core.poll(now=now)
+        try:
+            step = self._core.poll(now=now)
+        except RejectedStep as error:
+            self._refuse_step(error)
+            step = None
         if step is not None:
             self._settle(step)
         for trainer_id in self._registry.expire(now=now):

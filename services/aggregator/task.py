@@ -8,6 +8,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from schemas import TaskSpec
+from services.aggregator.guard import GuardSettings
 from services.aggregator.strategies.factory import StrategyConfig
 from services.aggregator.task_file import invalid_task, read_task_mapping
 from services.common.topology import DEFAULT_MAX_UPDATE_BYTES
@@ -20,6 +21,8 @@ class TaskDefinition(BaseModel):
 
     spec: TaskSpec
     strategy: StrategyConfig = Field(default_factory=StrategyConfig)
+    guard: GuardSettings = Field(default_factory=GuardSettings)
+    """Model and update-norm guards, one update per site per aggregate, capped sample counts."""
     queue_type: Literal["classic", "quorum"] = "classic"
     max_update_bytes: int = Field(default=DEFAULT_MAX_UPDATE_BYTES, gt=0)
     """Back-pressure: the updates queue refuses publishes beyond this many bytes."""

@@ -28,7 +28,11 @@ class RejectReason(StrEnum):
     NON_FINITE = "non-finite"
     """A finite float64 value that overflows the model's float32 (1e300 becomes inf)."""
     ALREADY_IN_BUFFER = "already-in-buffer"
-    """Under DP, a trainer's second update while its first is still buffered (sensitivity C)."""
+    """A trainer's second update while its first is still buffered (one vote per aggregate)."""
+    NORM_OUTLIER = "norm-outlier"
+    """An update far longer than the median of the recently accepted ones."""
+    MODEL_GUARD = "model-guard"
+    """The model would not be finite, or would move too far from the last one."""
 
 
 class RejectedUpdate(Exception):
@@ -38,6 +42,14 @@ class RejectedUpdate(Exception):
         super().__init__(f"{reason}: {detail}")
         self.reason = reason
         self.detail = detail
+
+
+class RejectedStep(RejectedUpdate):
+    """A whole aggregate refused by the model guard: every update in it is dead-lettered."""
+
+    def __init__(self, reason: str, detail: str, *, update_ids: tuple[str, ...]) -> None:
+        super().__init__(reason, detail)
+        self.update_ids = update_ids
 
 
 @dataclass(frozen=True)

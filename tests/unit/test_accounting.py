@@ -27,6 +27,7 @@ from services.aggregator.service import AggregatorService
 from services.aggregator.settings import AggregatorSettings
 from services.aggregator.strategies.factory import StrategyConfig, build_strategy
 from services.aggregator.strategies.privacy import GaussianAggregateNoise
+from services.aggregator.guard import GuardSettings
 from services.aggregator.task import TaskDefinition
 from services.aggregator.validation import RejectedUpdate
 from services.common.bus import Bus, Delivery
@@ -255,10 +256,11 @@ def test_a_trainers_second_update_in_one_aggregate_is_refused_under_dp() -> None
     assert core.submit(_zero_update("site-0", 1), redelivered=False, now=0.0).status == "buffered"
 
 
-def test_without_dp_a_trainer_may_fill_the_buffer_alone() -> None:
+def test_without_dp_and_with_the_one_vote_limit_off_a_trainer_may_fill_the_buffer() -> None:
     task = TaskDefinition(
         spec=TaskSpec(task_id="t", model="cnn-small", num_classes=2),
         strategy=StrategyConfig(name="fedbuff", buffer_size=2),
+        guard=GuardSettings(one_update_per_trainer=False),
     )
     core = AggregatorCore(
         task=task,

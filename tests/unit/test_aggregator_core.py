@@ -13,6 +13,12 @@ from services.aggregator.core import AggregatorCore
 from services.aggregator.layout import ParamLayout
 from services.aggregator.strategies.factory import StrategyConfig, build_strategy
 from services.aggregator.task import TaskDefinition
+from services.aggregator.guard import GuardSettings
+
+GUARDS_OFF = GuardSettings(
+    max_abs_weight=None, max_relative_change=None, norm_bound_factor=None,
+    clip_to_median=False, one_update_per_trainer=False, cap_num_examples=False,
+)  # fmt: skip
 from services.aggregator.validation import RejectedUpdate
 
 LAYOUT = ParamLayout.from_entries(
@@ -26,11 +32,15 @@ LAYOUT = ParamLayout.from_entries(
 
 
 def _task(**strategy: object) -> TaskDefinition:
-    config = {"name": "fedasync", "alpha": 0.5, "staleness": "polynomial", "staleness_a": 1.0}
+    config = {
+        "name": "fedasync", "alpha": 0.5, "staleness": "polynomial", "staleness_a": 1.0,
+        "aggregator": "mean", "sample_weighted": True,
+    }  # fmt: skip
     config.update(strategy)
     return TaskDefinition(
         spec=TaskSpec(task_id="t", model="cnn-small", num_classes=2, max_update_norm=100.0),
         strategy=StrategyConfig.model_validate(config),
+        guard=GUARDS_OFF,  # the guards have their own tests (test_model_guard.py)
     )
 
 

@@ -74,3 +74,18 @@ def test_the_shipped_task_files_serve_the_stable_recipe(task_file: str) -> None:
     spec, strategy = task.spec.model_dump(), task.strategy.model_dump()
     assert {key: spec[key] for key in STABLE_SPEC} == STABLE_SPEC
     assert {key: strategy[key] for key in STABLE_FEDBUFF} == STABLE_FEDBUFF
+
+
+def test_without_flags_the_task_has_the_robust_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
+    task = _task(monkeypatch=monkeypatch)
+    strategy = task.strategy
+    assert (strategy.name, strategy.aggregator, strategy.trim_fraction) == (
+        "fedbuff", "trimmed_mean", 0.25,
+    )  # fmt: skip
+    assert task.guard.one_update_per_trainer and task.guard.clip_to_median
+    assert task.guard.norm_bound_factor == 3.0
+
+
+def test_fedasync_from_the_flags_defaults_to_the_mean(monkeypatch: pytest.MonkeyPatch) -> None:
+    task = _task("--strategy", "fedasync", monkeypatch=monkeypatch)
+    assert task.strategy.aggregator == "mean"

@@ -119,8 +119,8 @@ def test_state_dict_round_trip_keeps_the_step_count() -> None:
     assert restored.buffer_size == 1
 
 
-def test_build_strategy_defaults_to_fedasync_with_alpha_0_6_and_polynomial_0_5() -> None:
-    strategy = build_strategy(StrategyConfig())
+def test_build_strategy_gives_fedasync_alpha_0_6_and_polynomial_0_5_by_default() -> None:
+    strategy = build_strategy(StrategyConfig(name="fedasync"))
 
     result = strategy.submit(vec(0, 0), contribution(vec(1, 1), staleness=3), now=0.0)
 

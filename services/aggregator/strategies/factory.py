@@ -36,20 +36,23 @@ from services.aggregator.strategies.staleness import StalenessFunction, stalenes
 class StrategyConfig(BaseModel):
     """How the aggregator combines updates. Fields a strategy does not use are ignored by it.
 
-    Central DP is on when `dp_noise_multiplier` and `dp_clip_norm` are both set; it then
-    defaults `staleness` to "constant" and `sample_weighted` to False and refuses explicit
+    The defaults are robust ones (docs/security.md): FedBuff, uniform weights (a site's
+    self-reported size weighs nothing; FedAvg weighs by size) and, for a buffered
+    strategy, the trimmed mean (FedAsync, which applies updates one by one, the mean). Central DP is on
+    when `dp_noise_multiplier` and `dp_clip_norm` are both set; it then defaults
+    `staleness` to "constant" and the aggregator to the mean and refuses explicit
     settings that would change its sensitivity.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    name: Literal["fedasync", "fedbuff", "fedavg"] = "fedasync"
+    name: Literal["fedasync", "fedbuff", "fedavg"] = "fedbuff"
     alpha: float = Field(default=DEFAULT_ALPHA, gt=0, le=1)
     staleness: Literal["constant", "polynomial", "hinge"] = "polynomial"
     staleness_a: NonNegativeFloat = 0.5
     staleness_b: NonNegativeInt = 4
     buffer_size: PositiveInt = DEFAULT_BUFFER_SIZE
-    sample_weighted: bool = True
+    sample_weighted: bool = False
     server_optimizer: Literal["sgd", "momentum", "adam"] = "sgd"
     server_lr: PositiveFloat = 1.0
     server_momentum: float = Field(default=0.9, ge=0, lt=1)
@@ -73,11 +76,20 @@ class StrategyConfig(BaseModel):
 
     @model_validator(mode="before")
     @classmethod
-    def _dp_defaults(cls, data: Any) -> Any:
+    def _dependent_defaults(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
         # Under DP, uniform weighting is the default rather than a trap to configure around.
-        if isinstance(data, dict) and data.get("dp_noise_multiplier") is not None:
-            data = {"staleness": "constant", "sample_weighted": False, **data}
-        return data
+        if data.get("dp_noise_multiplier") is not None:
+            return {"staleness": "constant", "aggregator": "mean", "sample_weighted": False, **data}
+        # A robust rule needs a buffer to choose from; FedAsync has none. FedAvg's rule for
+        # whole local epochs weighs by size (capped at the join's size by the aggregator).
+        name = data.get("name", "fedbuff")
+        defaults = {
+            "aggregator": "mean" if name == "fedasync" else "trimmed_mean",
+            "sample_weighted": name == "fedavg",
+        }
+        return {**defaults, **data}
 
     @model_validator(mode="after")
     def _consistent(self) -> StrategyConfig:
