@@ -20,9 +20,9 @@ import numpy as np
 from schemas import ModelUpdate, TaskSpec, Tensor, decode, encode
 from services.aggregator.checkpoint import CheckpointStore
 from services.aggregator.core import AggregatorCore
+from services.aggregator.guard import GuardSettings
 from services.aggregator.layout import ParamLayout
 from services.aggregator.strategies.factory import StrategyConfig, build_strategy
-from services.aggregator.guard import GuardSettings
 from services.aggregator.task import TaskDefinition
 from services.common.memory import reuse_freed_memory
 

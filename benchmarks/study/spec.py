@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from benchmarks.study.data import Partition
 from schemas import TaskSpec
-from services.aggregator.guard import GuardSettings
+from services.aggregator.guard import GUARDS_OFF, GuardSettings
 from services.aggregator.strategies.factory import StrategyConfig
 from services.aggregator.task import TaskDefinition, with_consistent_spec
 
@@ -48,13 +48,6 @@ class StudySettings:
     bandwidth_mbit_s: float = 100.0
     slowdown: float = 5.0
     """How much slower a straggler computes."""
-
-
-GUARDS_OFF = GuardSettings(
-    max_abs_weight=None, max_relative_change=None, norm_bound_factor=None,
-    clip_to_median=False, one_update_per_trainer=False, cap_num_examples=False,
-)  # fmt: skip
-"""The aggregator before its guards existed (the studies' documented numbers)."""
 
 
 @dataclass(frozen=True)

@@ -57,6 +57,17 @@ class GuardSettings(BaseModel):
     """An update's `num_examples` counts at most what its site declared when it joined."""
 
 
+GUARDS_OFF = GuardSettings(
+    max_abs_weight=None,
+    max_relative_change=None,
+    norm_bound_factor=None,
+    clip_to_median=False,
+    one_update_per_trainer=False,
+    cap_num_examples=False,
+)
+"""Every guard off: the aggregator as it was before them (earlier studies' numbers)."""
+
+
 @dataclass(frozen=True)
 class ModelStats:
     """What the checks need of the current model, computed once per version."""

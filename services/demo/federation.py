@@ -111,8 +111,12 @@ class Federation:
 
     def add_trainer(self, index: int) -> None:
         """Start simulated site `index` (any time, also while the federation runs)."""
+        self._spawn(self.plan.trainer_id(index), ["trainer"], self.trainer_env(index))
+
+    def trainer_env(self, index: int) -> dict[str, str]:
+        """The `FEDMQ_*` variables that make a trainer simulated site `index`."""
         plan = self.plan
-        env = {
+        return {
             "FEDMQ_TRAINER_ID": plan.trainer_id(index),
             "FEDMQ_SITE_INDEX": str(index),
             "FEDMQ_NUM_SITES": str(plan.trainers),
@@ -122,7 +126,6 @@ class Federation:
             "FEDMQ_SEED": str(plan.seed + index),
             "FEDMQ_SIMULATED_SLOWDOWN": str(plan.slowdown(index)),
         }
-        self._spawn(plan.trainer_id(index), ["trainer"], env)
 
     def stop_trainer(self, index: int) -> int:
         """SIGTERM one site and wait for it to leave; return its exit code."""
@@ -183,7 +186,15 @@ class Federation:
     def _named(self, name: str) -> list[_Child]:
         return [c for c in self._children if c.name == name]
 
-    def _spawn(self, name: str, args: list[str], env: dict[str, str] | None = None) -> None:
+    def _spawn(
+        self,
+        name: str,
+        args: list[str],
+        env: dict[str, str] | None = None,
+        *,
+        module: str = "services.cli",
+    ) -> None:
+        """Start `python -m module *args` as child `name` (benchmarks start other modules)."""
         plan = self.plan
         environment = dict(os.environ)
         environment.update(plan.extra_env)
@@ -197,7 +208,7 @@ class Federation:
         environment.update(env or {})
         log_file = (plan.run_dir / "logs" / f"{name}.log").open("ab")
         process = subprocess.Popen(
-            [sys.executable, "-m", "services.cli", *args],
+            [sys.executable, "-m", module, *args],
             env=environment,
             stdout=log_file,
             stderr=subprocess.STDOUT,

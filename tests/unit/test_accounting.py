@@ -22,12 +22,12 @@ from services.aggregator.accounting import (
 )
 from services.aggregator.checkpoint import CheckpointStore
 from services.aggregator.core import AggregatorCore
+from services.aggregator.guard import GuardSettings
 from services.aggregator.layout import ParamLayout
 from services.aggregator.service import AggregatorService
 from services.aggregator.settings import AggregatorSettings
 from services.aggregator.strategies.factory import StrategyConfig, build_strategy
 from services.aggregator.strategies.privacy import GaussianAggregateNoise
-from services.aggregator.guard import GuardSettings
 from services.aggregator.task import TaskDefinition
 from services.aggregator.validation import RejectedUpdate
 from services.common.bus import Bus, Delivery

@@ -10,15 +10,10 @@ import pytest
 from schemas import ModelUpdate, TaskSpec, Tensor
 from services.aggregator.checkpoint import CheckpointStore
 from services.aggregator.core import AggregatorCore
+from services.aggregator.guard import GUARDS_OFF
 from services.aggregator.layout import ParamLayout
 from services.aggregator.strategies.factory import StrategyConfig, build_strategy
 from services.aggregator.task import TaskDefinition
-from services.aggregator.guard import GuardSettings
-
-GUARDS_OFF = GuardSettings(
-    max_abs_weight=None, max_relative_change=None, norm_bound_factor=None,
-    clip_to_median=False, one_update_per_trainer=False, cap_num_examples=False,
-)  # fmt: skip
 from services.aggregator.validation import RejectedUpdate
 
 LAYOUT = ParamLayout.from_entries(
