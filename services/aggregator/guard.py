@@ -22,9 +22,10 @@ from services.aggregator.strategies.robust import l2_norm
 DEFAULT_MAX_ABS_WEIGHT = 1e4
 """No weight of a trained image model comes near this (cnn-small starts at most 1.0 and
 stays below about 10): a larger one is an attack or an overflow on its way."""
-DEFAULT_MAX_RELATIVE_CHANGE = 1.0
-"""One update may move the model by at most its own L2 norm (honest cnn-small
-updates move it by 0.05-0.4 of it: update norms 2-15 against a model norm of about 40)."""
+DEFAULT_MAX_RELATIVE_CHANGE = 10.0
+"""One update may move the model by at most 10x its L2 norm: honest cnn-small updates
+move it by 0.05-0.4x (update norms 2-15 against a model norm of about 40); an update
+that dwarfs the model replaces it rather than training it."""
 MIN_REFERENCE_NORM = 1.0
 """The relative bound is taken of at least this norm, so that a model near zero (a fresh
 linear layer, a toy model) can still take its first steps."""
@@ -46,9 +47,11 @@ class GuardSettings(BaseModel):
     max_relative_change: PositiveFloat | None = DEFAULT_MAX_RELATIVE_CHANGE
     """Largest ||update|| / max(||model||, 1) of one update (None: unbounded)."""
     norm_bound_factor: PositiveFloat | None = DEFAULT_NORM_BOUND_FACTOR
-    """Refuse an update longer than this times the median recent norm (None: off)."""
+    """Refuse an update longer than this times the median recent norm (None: off).
+    Off by default under FedAsync (services/aggregator/task.py)."""
     clip_to_median: bool = True
-    """Scale an update longer than the median recent norm down to it (norm clipping)."""
+    """Scale an update longer than the median recent norm down to it (norm clipping).
+    Off by default under FedAsync, which is not a robust configuration in any case."""
     norm_window: PositiveInt = DEFAULT_NORM_WINDOW
     norm_warmup: PositiveInt = Field(default=DEFAULT_NORM_WARMUP)
     one_update_per_trainer: bool = True
@@ -66,6 +69,9 @@ GUARDS_OFF = GuardSettings(
     cap_num_examples=False,
 )
 """Every guard off: the aggregator as it was before them (earlier studies' numbers)."""
+FEDASYNC_DEFAULTS = {"norm_bound_factor": None, "clip_to_median": False}
+"""FedAsync applies each update at once with its own step size alpha: the median bound
+and clipping are left to the operator (and the model guard stays on)."""
 
 
 @dataclass(frozen=True)

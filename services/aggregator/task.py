@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from schemas import TaskSpec
-from services.aggregator.guard import GuardSettings
+from services.aggregator.guard import FEDASYNC_DEFAULTS, GuardSettings
 from services.aggregator.strategies.factory import StrategyConfig
 from services.aggregator.task_file import invalid_task, read_task_mapping
 from services.common.topology import DEFAULT_MAX_UPDATE_BYTES
@@ -26,6 +26,22 @@ class TaskDefinition(BaseModel):
     queue_type: Literal["classic", "quorum"] = "classic"
     max_update_bytes: int = Field(default=DEFAULT_MAX_UPDATE_BYTES, gt=0)
     """Back-pressure: the updates queue refuses publishes beyond this many bytes."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _guard_follows_strategy(cls, data: Any) -> Any:
+        # A guard given as settings is explicit; given as a mapping or not at all, the
+        # strategy decides the defaults of what it leaves out.
+        if not isinstance(data, dict) or isinstance(data.get("guard"), GuardSettings):
+            return data
+        strategy = data.get("strategy")
+        if isinstance(strategy, StrategyConfig):
+            name = strategy.name
+        else:
+            name = strategy.get("name", "fedbuff") if isinstance(strategy, dict) else "fedbuff"
+        if name != "fedasync":
+            return data
+        return {**data, "guard": {**FEDASYNC_DEFAULTS, **(data.get("guard") or {})}}
 
     @property
     def task_id(self) -> str:

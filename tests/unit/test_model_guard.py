@@ -22,6 +22,7 @@ ONES = np.ones(SIZE, np.float32)  # a model of norm 4
 
 
 def _task(guard: GuardSettings | None = None, **strategy: object) -> TaskDefinition:
+    # FedAsync keeps these tests one step per update; every guard explicitly on.
     config = {"name": "fedasync", "alpha": 0.5, "staleness": "constant", **strategy}
     return TaskDefinition(
         spec=TaskSpec(task_id="t", model="cnn-small", num_classes=2),
@@ -68,8 +69,8 @@ def test_an_update_of_huge_finite_values_is_refused_and_the_model_stays_as_it_wa
     assert core.version == 1
 
 
-def test_an_update_that_would_move_the_model_by_more_than_its_norm_is_refused() -> None:
-    core = _core()  # model norm 4
+def test_an_update_that_would_move_the_model_beyond_the_relative_bound_is_refused() -> None:
+    core = _core(_task(GuardSettings(max_relative_change=1.0)))  # model norm 4
     assert _refusal(core, _update(1.2)).reason == "model-guard"  # delta norm 4.8
     assert core.submit(_update(0.9), redelivered=False, now=0.0).status == "stepped"  # 3.6
 
@@ -116,6 +117,19 @@ def test_a_step_beyond_the_weight_bound_is_refused_whole_and_the_strategy_rolls_
     # And the next two valid updates make a step
     core.submit(_update(0.1, trainer="a"), redelivered=False, now=0.0)
     assert core.submit(_update(0.1, trainer="b"), redelivered=False, now=0.0).status == "stepped"
+
+
+def test_fedasync_gets_the_model_guard_but_neither_the_median_bound_nor_clipping() -> None:
+    task = TaskDefinition.model_validate(
+        {"spec": {"task_id": "t", "model": "cnn-small", "num_classes": 2},
+         "strategy": {"name": "fedasync"}, "guard": {"clip_to_median": True}}
+    )  # fmt: skip
+    assert task.guard.norm_bound_factor is None and task.guard.clip_to_median
+    assert task.guard.max_abs_weight is not None and task.guard.max_relative_change is not None
+    fedbuff = TaskDefinition.model_validate(
+        {"spec": {"task_id": "t", "model": "cnn-small", "num_classes": 2}}
+    )
+    assert fedbuff.guard == GuardSettings()
 
 
 def test_the_guard_names_a_model_that_is_not_finite() -> None:
