@@ -38,8 +38,8 @@ class StrategyConfig(BaseModel):
 
     The defaults are robust ones (docs/security.md): FedBuff, uniform weights (a site's
     self-reported size weighs nothing; FedAvg weighs by size) and, for a buffered
-    strategy, the trimmed mean (FedAsync, which applies updates one by one, the mean). Central DP is on
-    when `dp_noise_multiplier` and `dp_clip_norm` are both set; it then defaults
+    strategy, the trimmed mean (FedAsync, which applies updates one by one, the mean).
+    Central DP is on when `dp_noise_multiplier` and `dp_clip_norm` are both set; it then defaults
     `staleness` to "constant" and the aggregator to the mean and refuses explicit
     settings that would change its sensitivity.
     """
