@@ -15,7 +15,7 @@ events: the test AUC of the version selected on val, the mean test AUC over the 
 the final one, and the refusals by reason. The target: every attack column's AUC within
 0.03 of the clean column's.
 
-    uv run python -m benchmarks.poisoning.study --data-dir DIR --duration 150
+    uv run python -m benchmarks.poisoning.study --duration 200
 """
 
 from __future__ import annotations
@@ -84,7 +84,7 @@ def run_column(
     *,
     seed: int,
     duration: float,
-    data_dir: Path,
+    data_dir: Path | None,
     runs_dir: Path,
     aggregator_flags: Sequence[str],
 ) -> dict[str, Any]:
@@ -158,10 +158,12 @@ def _verdict(columns: Sequence[dict[str, Any]], key: str) -> dict[str, Any]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--data-dir", type=Path, required=True, help="holds pneumoniamnist.npz")
+    parser.add_argument(
+        "--data-dir", type=Path, help="holds pneumoniamnist.npz (default: the bundled copy)"
+    )
     parser.add_argument("--columns", default=",".join(COLUMNS))
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--duration", type=float, default=150.0, help="seconds per column")
+    parser.add_argument("--duration", type=float, default=200.0, help="seconds per column")
     parser.add_argument(
         "--aggregator-flag", action="append", default=[], dest="aggregator_flags",
         help="extra `fedmq aggregator` flag (repeat); none: the shipped defaults",
