@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from services.aggregator.best import history, load_best, task_checkpoint_dir
 from tests.support.fault_kit import FaultFederation, log_events, wait_serving
 from tests.support.probe import FederationProbe
 from tests.support.processes import wait_for
@@ -55,4 +56,11 @@ def test_a_killed_evaluator_resumes_at_the_newest_model_without_evaluating_again
     assert after == [model.version] == [5]
     assert _logged_versions(eval_log) == sorted(set(_logged_versions(eval_log)))
     assert evaluator.terminate() == 0
+    # and the best version on val survived the kill: one record per improvement, the one
+    # kept among the evaluated versions, readable by load_best
+    task_dir = task_checkpoint_dir(federation.checkpoint_root, federation.task_id)
+    selections = [line["version"] for line in history(task_dir)]
+    best = load_best(task_dir)
+    assert best is not None and best.version in _logged_versions(eval_log)
+    assert selections == sorted(set(selections)) and selections[-1] == best.version
     print(f"\nFAULTS evaluator before={before} after_restart={after}")
