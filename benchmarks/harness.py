@@ -46,6 +46,7 @@ from services.common.settings import DEFAULT_AMQP_URL
 from services.common.topology import (
     EVENTS_EXCHANGE,
     UPDATES_EXCHANGE,
+    QueueType,
     event_key,
     task_topology,
     update_key,
@@ -164,12 +165,12 @@ def connection(url: str = AMQP_URL) -> Iterator[Any]:
             conn.close()
 
 
-def declare_task(task_id: str, url: str = AMQP_URL) -> str:
+def declare_task(task_id: str, url: str = AMQP_URL, *, queue_type: QueueType = "classic") -> str:
     """Declare the task's topology exactly as the aggregator will; return its updates queue."""
     from services.common.bus.pika_bus import PikaBus
 
     with PikaBus(url, connection_name="fedmq-bench") as bus:
-        bus.declare(task_topology(task_id))
+        bus.declare(task_topology(task_id, queue_type=queue_type))
     return updates_queue(task_id)
 
 
@@ -285,10 +286,19 @@ class AggregatorProcess:
         cadence: Cadence = DEFAULT_CADENCE,
         extra_args: Sequence[str] = (),
         workdir: Path,
+        urls: Sequence[str] = (AMQP_URL,),
+        queue_type: QueueType = "classic",
     ) -> None:
         self.task_id = task_id
         self.log_path = workdir / f"{task_id}.log"
-        env = dict(os.environ, FEDMQ_LOG_JSON="true", FEDMQ_AMQP_URL=AMQP_URL, **cadence.env())
+        env = dict(os.environ, FEDMQ_LOG_JSON="true", FEDMQ_AMQP_URL=urls[0], **cadence.env())
+        if len(urls) > 1:
+            env["FEDMQ_AMQP_URLS"] = ",".join(urls)
+        if queue_type != "classic":
+            # The queue type is the task file's: the flags below then give way to it.
+            task_file = workdir / f"{task_id}.json"
+            task_file.write_text(json.dumps(_task_file(task_id, model, strategy, queue_type)))
+            extra_args = ["--task-file", str(task_file), *extra_args]
         args = [
             sys.executable, "-m", "services.cli", "aggregator",
             "--task-id", task_id,
@@ -341,16 +351,27 @@ class AggregatorProcess:
         return code
 
 
+def _task_file(task_id: str, model: str, strategy: str, queue_type: QueueType) -> dict[str, Any]:
+    """The task the flags would make, with another queue type."""
+    return {
+        "spec": {"task_id": task_id, "model": model, "num_classes": 2},
+        "strategy": {"name": strategy},
+        "queue_type": queue_type,
+    }
+
+
 @contextmanager
-def running_aggregator(task_id: str, **options: Any) -> Iterator[AggregatorProcess]:
+def running_aggregator(
+    task_id: str, *, urls: Sequence[str] = (AMQP_URL,), **options: Any
+) -> Iterator[AggregatorProcess]:
     """An aggregator on a fresh scratch directory, stopped and its queues deleted on exit."""
     with tempfile.TemporaryDirectory(prefix="fedmq-bench-") as scratch:
-        process = AggregatorProcess(task_id, workdir=Path(scratch), **options)
+        process = AggregatorProcess(task_id, workdir=Path(scratch), urls=urls, **options)
         try:
             yield process
         finally:
             process.stop()
-            delete_task_queues(task_id)
+            delete_task_queues(task_id, urls[0])
 
 
 @dataclass

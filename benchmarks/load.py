@@ -3,6 +3,7 @@
     uv run python -m benchmarks.load [--trainers 200] [--duration 60] [--period 5]
         [--model cnn-small] [--strategy fedasync] [--publishers 4] [--out load.json]
     uv run python -m benchmarks.load --trainers 1,10,50,200 --duration 30
+    uv run python -m benchmarks.load --cluster --trainers 1000 --wire-fraction 0.5 --publishers 12
 
 A simulated trainer is an identity, not a process: a few publisher threads (one pika
 connection each) multiplex them. Each trainer publishes a valid update every `period`
@@ -10,6 +11,11 @@ seconds (jittered) on the newest version it has heard of, like a trainer whose l
 takes that long. Latency is from publish to the `model.published` event whose
 `updates_applied` covers the update: one queue and one consumer keep arrival order, so the
 k-th update published (by send time) is the k-th applied. The baseline is the offered rate.
+
+`--cluster` starts a private 3-node RabbitMQ cluster on this machine (benchmarks/cluster.py)
+for the run: quorum updates queue, the aggregator and the publishers given all three nodes
+(publisher connections spread over them), and first the bare publish/consume rate of the
+same cluster, the wire limit the offered rate is compared with.
 """
 
 from __future__ import annotations
@@ -19,12 +25,14 @@ import heapq
 import random
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from benchmarks.harness import (
+    AMQP_URL,
     CADENCES,
     MIB,
     AggregatorProcess,
@@ -40,7 +48,7 @@ from benchmarks.harness import (
     update_properties,
 )
 from schemas import encode
-from services.common.topology import UPDATES_EXCHANGE, update_key
+from services.common.topology import UPDATES_EXCHANGE, QueueType, update_key
 
 JITTER = 0.2
 """A trainer's round takes period x U(1 - JITTER, 1 + JITTER): trainers drift apart."""
@@ -69,13 +77,14 @@ def publisher(
     tap: EventTap,
     sent: Published,
     seed: int,
+    url: str = AMQP_URL,
 ) -> None:
     """Publish for `trainers` on one connection until `until` (perf_counter)."""
     rng = random.Random(seed)
     now = time.perf_counter()
     due = [(now + rng.uniform(0, period), trainer) for trainer in trainers]
     heapq.heapify(due)
-    with connection() as conn:
+    with connection(url) as conn:
         channel = conn.channel()
         channel.confirm_delivery()
         while due:
@@ -122,16 +131,23 @@ def sample_memory(agg: AggregatorProcess, tap: EventTap, stop: threading.Event) 
 
 def run_load(
     trainers: int, *, duration: float, period: float, model: str, strategy: str,
-    publishers: int, cadence: str,
+    publishers: int, cadence: str, urls: Sequence[str] = (AMQP_URL,),
+    queue_type: QueueType = "classic",
 ) -> dict[str, Any]:  # fmt: skip
     """One aggregator, `trainers` identities publishing for `duration` seconds."""
     task_id = unique_task_id("load")
     factory = UpdateFactory(task_id, model)
-    queue = declare_task(task_id)
+    queue = declare_task(task_id, urls[0], queue_type=queue_type)
     sent = Published()
-    options = {"model": model, "strategy": strategy, "cadence": CADENCES[cadence]}
-    with EventTap(task_id) as tap, running_aggregator(task_id, **options) as agg:
-        agg.wait_consuming(queue)
+    options = {
+        "model": model, "strategy": strategy, "cadence": CADENCES[cadence],
+        "urls": urls, "queue_type": queue_type,
+    }  # fmt: skip
+    with (
+        EventTap(task_id, url=urls[0]) as tap,
+        running_aggregator(task_id, **options) as agg,
+    ):
+        agg.wait_consuming(queue, urls[0])
         rss_start = agg.memory()[0]
         started = time.perf_counter()
         until = started + duration
@@ -140,7 +156,14 @@ def run_load(
             threading.Thread(
                 target=publisher,
                 args=(factory, names[p::publishers]),
-                kwargs={"period": period, "until": until, "tap": tap, "sent": sent, "seed": p},
+                kwargs={
+                    "period": period,
+                    "until": until,
+                    "tap": tap,
+                    "sent": sent,
+                    "seed": p,
+                    "url": urls[p % len(urls)],
+                },
                 daemon=True,
             )
             for p in range(min(publishers, trainers))
@@ -180,6 +203,8 @@ def run_load(
         "rss_end_mib": round(rss_end / MIB, 1),
         "peak_rss_mib": round(peak / MIB, 1),
         "rss_slope_bytes_per_update": round(rss_slope(memory), 1),
+        "all_applied": events[-1][1] == len(sent.times),
+        "p99_under_1s": bool(np.percentile(seconds, 99) < 1.0),
     }
 
 
@@ -192,6 +217,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args_parser.add_argument("--strategy", default="fedasync")
     args_parser.add_argument("--publishers", type=int, default=4)
     args_parser.add_argument("--cadence", default="default", choices=sorted(CADENCES))
+    args_parser.add_argument(
+        "--cluster", action="store_true", help="run on a private 3-node cluster (quorum queue)"
+    )
+    args_parser.add_argument(
+        "--wire-fraction",
+        type=float,
+        help="with --cluster: choose the period so that the offered rate is this fraction of "
+        "the wire limit measured first (overrides --period)",
+    )
     args = args_parser.parse_args(argv)
     started = machine()
     options = {
@@ -202,17 +236,45 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "publishers": args.publishers,
         "cadence": args.cadence,
     }
-    results = [run_load(int(count), **options) for count in args.trainers.split(",")]
-    report = {
+    report: dict[str, Any] = {
         "benchmark": "load",
         "machine_at_start": started,
-        "machine_at_end": machine(),
         "model": args.model,
         "strategy": args.strategy,
         "cadence": vars(CADENCES[args.cadence]),
-        "results": results,
     }
+    counts = [int(count) for count in args.trainers.split(",")]
+    if args.cluster:
+        report.update(run_on_cluster(counts, options, wire_fraction=args.wire_fraction))
+    else:
+        report["results"] = [run_load(count, **options) for count in counts]
+    report["machine_at_end"] = machine()
     return emit(report, args.out)
+
+
+def run_on_cluster(
+    counts: list[int], options: dict[str, Any], *, wire_fraction: float | None
+) -> dict[str, Any]:
+    """The bare wire rate, then each load, on one private 3-node cluster started for the run."""
+    from benchmarks.cluster import bare_rate, node_memory, private_cluster
+
+    with private_cluster() as cluster:
+        urls = cluster.urls()
+        bare = bare_rate(urls, options["model"], publishers=options["publishers"])
+        bare["node_memory_after"] = node_memory(cluster)
+        results = []
+        for count in counts:
+            if wire_fraction is not None:
+                rate = wire_fraction * bare["wire_limit_updates_s"]
+                options = {**options, "period": round(count / rate, 2)}
+            result = run_load(count, **options, urls=urls, queue_type="quorum")
+            result["node_memory_end"] = node_memory(cluster)
+            result["offered_fraction_of_wire_limit"] = round(
+                result["offered_updates_s"] / bare["wire_limit_updates_s"], 2
+            )
+            results.append(result)
+    return {"cluster": {"nodes": len(urls), "queue_type": "quorum"}, "bare": bare,
+            "results": results}  # fmt: skip
 
 
 if __name__ == "__main__":
