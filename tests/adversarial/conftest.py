@@ -43,7 +43,7 @@ ATTACKER = "trainer-site-2"
 JOIN_TIMEOUT_S = 120.0
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def node() -> Iterator[Node]:
     """The private node, with the shipped definitions imported at boot."""
     if not rabbitmq_installed():
@@ -188,9 +188,13 @@ def _env(node: Node, login: str, data_dir: Path) -> dict[str, str]:
     }
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def federation(node: Node, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Federation]:
-    """Aggregator, victim trainer and honest site, serving; every process ended afterwards."""
+    """Aggregator, victim trainer and honest site, serving; every process ended afterwards.
+
+    Package scope, not session: the trainers train without pause, and left running they
+    would take a core from every test after this folder's.
+    """
     run_dir = tmp_path_factory.mktemp("adversarial")
     data_dir = pneumonia_npz(tmp_path_factory.mktemp("data")).parent
     bus = PikaBus(node.url(HONEST), reconnect=FAST_RECONNECT, connection_name="honest-site")
