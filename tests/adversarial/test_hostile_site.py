@@ -15,7 +15,7 @@ import pika
 import pytest
 
 from schemas import Heartbeat, JoinAccepted, JoinRequest, Rejection, TrainerLeft, encode
-from services.aggregator.poison import MARKER_NAME, fingerprint
+from services.aggregator.poison import MARKER_NAME, POISON_STRIKES, fingerprint
 from services.common.bus import Delivery, MessageProperties
 from services.common.bus.pika_bus import PikaBus
 from services.common.messaging import call_message
@@ -251,9 +251,10 @@ def test_a_forged_sender_header_does_not_make_a_dead_letter_blame_another_site(
 def test_a_message_in_hand_when_the_aggregator_died_is_dead_lettered_on_redelivery(
     federation: Federation,
 ) -> None:
-    # Given the attacker's update delivered to an aggregator that then dies handling it:
-    # the aggregator is frozen, the update is pushed to it, the process is killed, and
-    # what the dying process leaves behind (the in-flight marker) names that update
+    # Given the attacker's update delivered to an aggregator that then dies handling it, as
+    # every aggregator before it did: the aggregator is frozen, the update is pushed to it,
+    # the process is killed, and what the dying processes leave behind (the in-flight
+    # marker) names that update and the crashes in a row
     update = valid_update(federation, ATTACKER)
     body = encode(update)
     os.kill(federation.aggregator.pid, signal.SIGSTOP)
@@ -277,7 +278,7 @@ def test_a_message_in_hand_when_the_aggregator_died_is_dead_lettered_on_redelive
         routing_key=update_key(TASK, ATTACKER),
         redelivered=False,
     )
-    marker.write_text(fingerprint(in_hand))
+    marker.write_text(f"{fingerprint(in_hand)} {POISON_STRIKES}")
     # When a new aggregator starts and the broker redelivers the update
     federation.aggregator = federation.start_aggregator()
     rss = federation.aggregator_rss()

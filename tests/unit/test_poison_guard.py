@@ -24,22 +24,50 @@ def _delivery(
     )
 
 
-def test_given_a_crash_while_handling_when_it_comes_back_then_it_is_refused_once(
+def _die_handling(guard: PoisonGuard, delivery: Delivery) -> object:
+    """Enter `handling` and never leave, as a process that dies inside; keep the result
+    alive (a collected context manager would run its cleanup)."""
+    handling = guard.handling(delivery)
+    handling.__enter__()
+    return handling
+
+
+def test_given_one_crash_while_handling_when_it_comes_back_then_it_is_tried_again(
     tmp_path: Path,
 ) -> None:
-    # Given a guard that marked a message in hand, and a process that died there
-    bomb = _delivery(b"\x80" * 100, redelivered=False)
-    guard = PoisonGuard(tmp_path)
-    handling = guard.handling(bomb)
-    handling.__enter__()  # never left: the process died inside
+    # Given a process killed while an update was in hand (an operator's kill, a reboot)
+    update = _delivery(b"\x80" * 100, redelivered=False)
+    dead = _die_handling(PoisonGuard(tmp_path), update)
     assert (tmp_path / MARKER_NAME).read_text().startswith("m-1:100:")
     # When the next process starts and the broker redelivers it
     restarted = PoisonGuard(tmp_path)
-    # Then that message, and only it, is refused
-    assert restarted.verdict(_delivery(b"\x80" * 99, redelivered=True)) is None
-    assert restarted.verdict(_delivery(b"\x80" * 100, redelivered=True)) is not None
-    assert restarted.verdict(_delivery(b"\x80" * 100, redelivered=True)) is None
+    redelivered = _delivery(b"\x80" * 100, redelivered=True)
+    # Then it is handled again (a valid update is not lost), and forgotten once it survives
+    assert restarted.verdict(redelivered) is None
+    with restarted.handling(redelivered):
+        pass
+    assert PoisonGuard(tmp_path).verdict(redelivered) is None
+    del dead
+
+
+def test_given_two_crashes_in_a_row_on_one_message_then_it_is_refused_once(
+    tmp_path: Path,
+) -> None:
+    # Given a message in hand when the process died, twice in a row
+    bomb = _delivery(b"\x80" * 100, redelivered=False)
+    first_death = _die_handling(PoisonGuard(tmp_path), bomb)
+    second = PoisonGuard(tmp_path)
+    redelivered = _delivery(b"\x80" * 100, redelivered=True)
+    assert second.verdict(redelivered) is None
+    second_death = _die_handling(second, redelivered)
+    # When the third process starts and the broker redelivers it
+    third = PoisonGuard(tmp_path)
+    # Then that message, and only it, is refused, once
+    assert third.verdict(_delivery(b"\x80" * 99, redelivered=True)) is None
+    assert third.verdict(redelivered) is not None
+    assert third.verdict(redelivered) is None
     assert (tmp_path / MARKER_NAME).read_text().strip() == ""
+    del first_death, second_death
 
 
 def test_a_message_handled_to_the_end_leaves_no_marker(tmp_path: Path) -> None:
