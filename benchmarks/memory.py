@@ -102,11 +102,13 @@ def trainers_case(trainers: int, updates: int, workdir: Path) -> dict[str, Any]:
     task_id = unique_task_id("memt")
     queue = declare_task(task_id)
     factory = UpdateFactory(task_id, "cnn-small")
-    args = ["--buffer-size", str(TRAINERS_BUFFER)]
+    # Each site counts once per aggregate, so a buffer never waits for more sites than exist.
+    buffer_size = min(TRAINERS_BUFFER, trainers)
+    args = ["--buffer-size", str(buffer_size)]
     agg = AggregatorProcess(
         task_id, strategy="fedbuff", extra_args=args, workdir=workdir, cadence=MEMORY_CADENCE
     )
-    chunk = max(1, updates // CHUNKS // TRAINERS_BUFFER) * TRAINERS_BUFFER
+    chunk = max(1, updates // CHUNKS // buffer_size) * buffer_size
     samples = []
     try:
         with EventTap(task_id) as tap:
